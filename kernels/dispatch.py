@@ -1,0 +1,114 @@
+"""Choosing between an op's Triton kernel and its PyTorch reference, and saying why.
+
+Each op registers an :class:`Op`: its reference function, the import path of its Triton function (same signature),
+and a ``supports`` check returning ``None`` or the reason the kernel refuses an input. ``backend="auto"`` takes the
+kernel on CUDA when it supports the input, otherwise the reference; ``"triton"`` insists (and raises with the reason);
+``"reference"`` never uses the kernel. The environment variable ``VISIONFX_BACKEND`` (auto/reference/triton) stands in
+for ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["Op", "register_op", "get_op", "choose", "triton_available", "BACKENDS"]
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op of ``kernels/``.
+
+    Attributes:
+        name: op name.
+        reference: the PyTorch reference function.
+        triton: ``"module:function"`` of the Triton implementation (same signature), or ``""`` if none yet.
+        supports: ``supports(device_type, dtype, head_dim, **options) -> None | str`` (the refusal reason).
+    """
+
+    name: str
+    reference: Callable
+    triton: str = ""
+    supports: Callable[..., str | None] = lambda *a, **k: None
+
+
+_OPS: dict[str, Op] = {}
+
+
+def register_op(op: Op) -> Op:
+    _OPS[op.name] = op
+    return op
+
+
+def get_op(name: str) -> Op:
+    if name not in _OPS:
+        importlib.import_module(f"visionfx.kernels.{name}")
+    return _OPS[name]
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> str | None:
+    """``None`` if Triton can run kernels here, else the reason."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the install
+        return f"Triton not importable ({type(e).__name__})"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str) -> Callable:
+    module, _, fn = path.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _env_backend(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    env = os.environ.get("VISIONFX_BACKEND", "auto").strip().lower() or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"VISIONFX_BACKEND must be one of {BACKENDS}, got {env!r}")
+    return env
+
+
+def refusal(op: Op, device_type: str, dtype: torch.dtype, head_dim: int, **options) -> str | None:
+    """Why ``op``'s Triton kernel would refuse these inputs (``None``: it accepts them)."""
+    if not op.triton:
+        return "no Triton kernel for this op yet"
+    reason = triton_available()
+    if reason:
+        return reason
+    if device_type != "cuda" and not _interpreting():
+        return f"inputs on {device_type}, the kernel needs CUDA (or TRITON_INTERPRET=1)"
+    return op.supports(device_type, dtype, head_dim, **options)
+
+
+def choose(name: str, backend: str, device_type: str, dtype: torch.dtype, head_dim: int, **options):
+    """``(function, backend used, reason)`` for op ``name`` on such inputs.
+
+    Raises:
+        ValueError: ``backend`` is unknown, or ``"triton"`` was forced and the kernel refuses (with the reason).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    op = get_op(name)
+    backend = _env_backend(backend)
+    if backend == "reference":
+        return op.reference, "reference", "forced"
+    why = refusal(op, device_type, dtype, head_dim, **options)
+    if why is None:
+        return _load(op.triton), "triton", "kernel supports the inputs"
+    if backend == "triton":
+        raise ValueError(f"{name}: the Triton backend was forced but refuses these inputs: {why}")
+    return op.reference, "reference", why

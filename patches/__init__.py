@@ -1,0 +1,1 @@
+"""One module per model family; each declares ``ADAPTER`` (a :class:`visionfx.registry.AdapterSpec`)."""

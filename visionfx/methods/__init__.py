@@ -1,0 +1,1 @@
+"""One module per method; each declares ``METHOD`` (a :class:`visionfx.registry.MethodSpec`)."""

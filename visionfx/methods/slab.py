@@ -1,0 +1,103 @@
+"""SLAB's simplified linear attention (SLA): ReLU linear attention with a key position term and a shared DWC on V.
+
+Paper: Guo et al., "SLAB: Efficient Transformers with Simplified Linear Attention and Progressive Re-parameterized
+Batch Normalization", ICML 2024 (arXiv 2405.11582). METHODS.md §5. Differences from the official code: prefix tokens
+are kept (they join the sums and get no position term or DWC), and the position term is resampled to other grids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visionfx.config import AttentionConfig
+from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
+from visionfx.registry import MethodSpec
+
+__all__ = ["SlabConfig", "SlabAttention", "resample_grid_param"]
+
+
+@dataclass(frozen=True)
+class SlabConfig(AttentionConfig):
+    """Simplified linear attention.
+
+    Attributes:
+        dwc_kernel: kernel size of the head-shared depthwise convolution on V (odd).
+        use_pe: add the learnable position term to the keys of patch tokens.
+        pe_resample: interpolation used to resample the position term to another grid.
+        eps: added to the denominator.
+    """
+
+    method = "slab"
+    dwc_kernel: int = 5
+    use_pe: bool = True
+    pe_resample: str = "bicubic"
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dwc_kernel < 1 or self.dwc_kernel % 2 == 0:
+            raise ValueError(f"dwc_kernel must be a positive odd number, got {self.dwc_kernel}")
+        if self.pe_resample not in ("bicubic", "bilinear", "nearest"):
+            raise ValueError(f"pe_resample must be bicubic, bilinear or nearest, got {self.pe_resample!r}")
+        if self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+
+
+def resample_grid_param(p: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resample a per-position parameter ``[1, H0*W0, C]`` from grid ``src`` to ``dst`` (as timm resamples its
+    position embedding: antialiased when shrinking with bicubic/bilinear)."""
+    if tuple(src) == tuple(dst):
+        return p
+    C = p.shape[-1]
+    grid = p.reshape(1, src[0], src[1], C).permute(0, 3, 1, 2).float()
+    kwargs = {"antialias": True, "align_corners": False} if mode in ("bicubic", "bilinear") else {}
+    grid = F.interpolate(grid, size=tuple(dst), mode=mode, **kwargs)
+    return grid.permute(0, 2, 3, 1).reshape(1, dst[0] * dst[1], C).to(p.dtype)
+
+
+class SlabAttention(TokenMixer):
+    """SLA: ``o_i = ReLU(q_i) Σ_j ReLU(k'_j)ᵀ v_j / (ReLU(q_i)·Σ_j ReLU(k'_j) + eps)`` with ``k'_j = k_j + PE_j``,
+    plus a depthwise ``dwc_kernel``² convolution shared by all heads on each head's V over the patch grid."""
+
+    method = "slab"
+    op = "linear_attention"
+
+    def __init__(self, config: SlabConfig, host: HostInfo):
+        super().__init__(config, host)
+        d, k = host.head_dim, config.dwc_kernel
+        self.grid0 = tuple(host.grid)
+        self.pe = nn.Parameter(torch.zeros(1, host.grid[0] * host.grid[1], host.attn_dim)) if config.use_pe else None
+        self.dwc = nn.Conv2d(d, d, k, padding=k // 2, groups=d, bias=True)
+        if config.init == "pretrained":
+            nn.init.zeros_(self.dwc.weight)
+            nn.init.zeros_(self.dwc.bias)
+
+    def op_options(self) -> dict:
+        return {"feature": "relu", "normalizer": "divisive"}
+
+    def forward(self, q, k, v, x, layout: TokenLayout):
+        B, h, N, d = q.shape
+        P0, (H, W) = layout.num_prefix_tokens, layout.grid
+        if self.pe is not None:
+            pe = resample_grid_param(self.pe, self.grid0, (H, W), self.config.pe_resample)
+            pe = pe.reshape(1, H * W, h, d).transpose(1, 2).to(k.dtype)
+            k = torch.cat((k[:, :, :P0], k[:, :, P0:] + pe), dim=2)
+        o = self.kernel(q)(q, k, v, feature="relu", normalizer="divisive", eps=self.config.eps)
+        vp = v[:, :, P0:].reshape(B * h, H, W, d).permute(0, 3, 1, 2)
+        local = self.dwc(vp.to(self.dwc.weight.dtype)).permute(0, 2, 3, 1).reshape(B, h, H * W, d).to(o.dtype)
+        return torch.cat((o[:, :, :P0], o[:, :, P0:] + local), dim=2)
+
+
+METHOD = MethodSpec(
+    name="slab",
+    site="attention",
+    config_cls=SlabConfig,
+    module_cls=SlabAttention,
+    summary="ReLU linear attention, key position term, head-shared DWC on V (SLAB)",
+    regime="fine-tuning",
+    paper="SLAB, ICML 2024 (arXiv 2405.11582)",
+)
