@@ -4,6 +4,10 @@ import sys
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in the interpreter (fp32 only); it must be chosen before kernels are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers (families.py) importable under importlib mode
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

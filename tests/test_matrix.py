@@ -16,7 +16,7 @@ import torch
 
 import visionfx
 from visionfx.registry import list_methods
-from families import FAMILIES, make_input
+from families import FAMILIES
 
 METHODS = list_methods(site="attention")
 PAIRS = [(m, f) for m in METHODS for f in FAMILIES]
@@ -32,22 +32,21 @@ def _perturb_added(model, seed=1):
 
 
 def _build(family):
-    builder, shape, _ = FAMILIES[family]
     torch.manual_seed(0)
-    return builder(), make_input(shape)
+    return FAMILIES[family].build(), FAMILIES[family].inputs(0)
 
 
 @pytest.mark.parametrize("method,family", PAIRS)
 def test_forward_backward_unpatch(method, family):
     model, x = _build(family)
     with torch.no_grad():
-        y0 = model(x)
+        y0 = model(*x)
     keys0 = list(model.state_dict().keys())
     visionfx.patch(model, method)
     assert visionfx.is_patched(model)
     _perturb_added(model)
     model.train()
-    y = model(x)
+    y = model(*x)
     assert y.shape == y0.shape
     assert torch.isfinite(y).all()
     y.float().pow(2).mean().backward()
@@ -57,12 +56,12 @@ def test_forward_backward_unpatch(method, family):
     assert all(dict(model.named_parameters())[n].grad is not None for n in added)
     model.eval()
     with torch.no_grad():
-        y1 = model(x)
+        y1 = model(*x)
     assert not torch.allclose(y1, y0), "the patch changed nothing"
     visionfx.unpatch(model)
     assert not visionfx.is_patched(model)
     with torch.no_grad():
-        assert torch.equal(model(x), y0)
+        assert torch.equal(model(*x), y0)
     assert list(model.state_dict().keys()) == keys0
 
 
@@ -73,27 +72,28 @@ def test_save_load_copy(method, family, tmp_path):
     visionfx.patch(model, method)
     _perturb_added(model)
     with torch.no_grad():
-        y = model(x)
+        y = model(*x)
     visionfx.save_pretrained(model, tmp_path / "patch")
     fresh, _ = _build(family)
     fresh.load_state_dict(base_state)
     visionfx.load_pretrained(fresh, tmp_path / "patch")
     with torch.no_grad():
-        assert torch.equal(fresh(x), y)
-        assert torch.equal(copy.deepcopy(model)(x), y)
+        assert torch.equal(fresh(*x), y)
+        assert torch.equal(copy.deepcopy(model)(*x), y)
         buf = io.BytesIO()
         torch.save(model, buf)
         buf.seek(0)
-        assert torch.equal(torch.load(buf, weights_only=False)(x), y)
+        assert torch.equal(torch.load(buf, weights_only=False)(*x), y)
     # a plain state_dict of the patched model round-trips too
     other, _ = _build(family)
     visionfx.patch(other, method)
     other.load_state_dict(model.state_dict())
     with torch.no_grad():
-        assert torch.equal(other(x), y)
+        assert torch.equal(other(*x), y)
 
 
-COMPILE_PAIRS = [(m, f) for m in METHODS for f in dict((FAMILIES[f][2], f) for f in FAMILIES).values()]
+# one family per adapter
+COMPILE_PAIRS = [(m, f) for m in METHODS for f in {FAMILIES[f].adapter: f for f in reversed(list(FAMILIES))}.values()]
 
 
 @pytest.mark.parametrize("method,family", COMPILE_PAIRS)
@@ -102,6 +102,6 @@ def test_compile_matches_eager(method, family):
     visionfx.patch(model, method)
     _perturb_added(model)
     with torch.no_grad():
-        y = model(x)
-        yc = torch.compile(model)(x)
+        y = model(*x)
+        yc = torch.compile(model)(*x)
     torch.testing.assert_close(yc, y, rtol=1e-4, atol=1e-4)

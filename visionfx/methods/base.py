@@ -99,6 +99,9 @@ class TokenMixer(nn.Module):
     """
 
     method: str = ""
+    #: whether the mixer reads the layer input ``x`` beyond the host's qkv (e.g. an input-conditioned gate); PRepBN
+    #: folding keeps the norm's affine map explicit for such layers
+    reads_input: bool = False
 
     def __init__(self, config, host: HostInfo):
         super().__init__()
