@@ -1,0 +1,77 @@
+"""Triton agent-attention kernel vs a float64 materialised computation and the PyTorch reference.
+
+On CPU the kernel runs under TRITON_INTERPRET=1 (set by conftest.py) in fp32 on small odd shapes; GPU tests (bf16,
+fp16, the PERFORMANCE.md shapes) are marked and skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from visionfx.kernels.agent_attention.triton import agent_attention_triton  # noqa: E402
+
+
+def naive(q, k, v, a, b1, b2, s1, s2):
+    """float64: explicit n×N and N×n softmax matrices."""
+    q, k, v, a = (t.double() for t in (q, k, v, a))
+    z1 = s1 * a @ k.transpose(-1, -2) + (b1.double() if b1 is not None else 0)
+    z2 = s2 * q @ a.transpose(-1, -2) + (b2.double() if b2 is not None else 0)
+    return torch.softmax(z2, -1) @ (torch.softmax(z1, -1) @ v)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make(B, H, N, D, n, bias, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    a = torch.randn(B, H, n, D, generator=g)
+    b1 = torch.randn(H, n, N, generator=g) if bias else None
+    b2 = torch.randn(H, N, n, generator=g) if bias else None
+    conv = lambda t: None if t is None else t.to(device=device, dtype=dtype if t.dim() == 4 else torch.float32)
+    return [conv(t) for t in (q, k, v, a, b1, b2)]
+
+
+SHAPES = [(1, 2, 5, 16, 3), (2, 1, 33, 32, 9), (1, 2, 70, 24, 49), (1, 1, 300, 16, 20)]
+
+
+@pytest.mark.parametrize("B,H,N,D,n", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_backward_interpreted(B, H, N, D, n, bias):
+    q, k, v, a, b1, b2 = make(B, H, N, D, n, bias)
+    s1, s2 = D**-0.5, 0.7 * D**-0.5
+    leaves = [t.requires_grad_() for t in (q, k, v, a, b1, b2) if t is not None]
+    out = agent_attention_triton(q, k, v, a, b1, b2, scale1=s1, scale2=s2)
+    ref = naive(q, k, v, a, b1, b2, s1, s2)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert rel(out, ref) < 1e-5
+    do = torch.randn_like(out)
+    g_out = torch.autograd.grad(out, leaves, do)
+    g_ref = torch.autograd.grad(ref, leaves, do.double())
+    for got, want in zip(g_out, g_ref):
+        assert rel(got, want) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [197, 577, 1025, 4097])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gpu(N, dtype):
+    B = max(1, 12608 // N)
+    q, k, v, a, b1, b2 = make(B, 6, N, 64, 49, True, dtype=dtype, device="cuda")
+    s1 = s2 = 64**-0.5
+    leaves = [t.requires_grad_() for t in (q, k, v, a, b1, b2)]
+    out = agent_attention_triton(q, k, v, a, b1, b2, scale1=s1, scale2=s2)
+    exact = naive(q, k, v, a, b1, b2, s1, s2)
+    # the same math in the low precision with PyTorch ops: the error budget of this dtype
+    lowp = torch.softmax(s2 * q @ a.transpose(-1, -2) + b2.to(dtype), -1) @ (
+        torch.softmax(s1 * a @ k.transpose(-1, -2) + b1.to(dtype), -1) @ v)
+    budget = rel(lowp, exact)
+    assert rel(out, exact) <= 2 * budget + 1e-3
+    do = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(exact, leaves, do.double())):
+        assert torch.isfinite(got).all()
+        assert rel(got, want) < 2e-2
