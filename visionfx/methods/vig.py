@@ -1,0 +1,233 @@
+"""ViG's bidirectional gated linear attention (GLA), on a pretrained host's q, k, v.
+
+Paper: Liao et al., "ViG: Linear-complexity Visual Sequence Learning with Gated Linear Attention" (arXiv 2405.18425).
+METHODS.md §7, §12 items 12-15 and 17. One layer::
+
+    xs = DWC(x) on patch tokens (prefix tokens bypass it)                 pre_qkv; xs feeds the host qkv
+    q, k, v = heads(host qkv(xs)) -> host q_norm / k_norm
+    g = (xs W1ᵀ) W2ᵀ + b2 -> log-decays logsigmoid(g) / gate_normalizer -> gf, gb (per token, per key channel)
+    o = (o_f + o_b) / 2, the two scans over the raster order with the prefix tokens moved to scan index ⌊P/2⌋
+    y = RMSNorm_g(o) ⊙ G + RMSNorm_l(xs) ⊙ (1 − G),  G = sigmoid(xs W_gᵀ + b_g)   (per head, weights shared by heads)
+    y = SiLU(y) if out_act -> merge -> host norm -> host gate -> host proj
+
+Decisions where the spec leaves room:
+
+* The output stage (both RMSNorms, the mix with G, the optional SiLU) runs inside :meth:`VigAttention.forward`,
+  before the heads are merged, so the host ``norm`` acts on y, as METHODS.md §7.3 and §12.17 order it (mixer, merge,
+  host norm, host gate, proj). ``post_norm`` stays the identity.
+* The scan scale is ``d^-0.5`` (§7.1), not the host's ``scale``: the RMSNorm that follows makes it matter only
+  through the eps.
+* ``prefix_position`` also offers ``"front"`` (prefix tokens scanned where the host puts them, before the patches)
+  and ``"end"`` (after the last patch); ``"middle"`` is the default of §7.2.
+* W1 is initialised as officially (xavier-uniform, gain 2^-2.5) under both inits: with ``W2 = 0`` it does not change
+  the layer at step 0, and a zero W1 would leave W1 and W2 without gradient.
+* The official init has zero biases; ``forget_bias_init`` and ``mix_bias_init`` belong to the pretrained init.
+* Log-decays are computed in fp32 (float64 for float64 inputs), whatever the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visionfx.config import AttentionConfig
+from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
+from visionfx.registry import MethodSpec
+
+__all__ = ["VigConfig", "VigAttention", "PREFIX_POSITIONS", "scan_index", "to_scan_order", "from_scan_order"]
+
+PREFIX_POSITIONS = ("middle", "front", "end")
+#: the official init's xavier-uniform gain
+OFFICIAL_GAIN = 2.0**-2.5
+
+
+@dataclass(frozen=True)
+class VigConfig(AttentionConfig):
+    """Bidirectional gated linear attention (ViG).
+
+    Attributes:
+        expand_k: key width over model width. Only 1.0 while q and k come from the host's qkv (METHODS.md §12.12);
+            the official 0.5 needs fresh projections.
+        gate_rank: rank of the low-rank forget-gate projection (W1: C -> rank, W2: rank -> 2C).
+        gate_normalizer: divides ``logsigmoid(g)``; larger means slower decay.
+        dwc_kernel: kernel size of the depthwise convolution on the input (odd).
+        act_in_conv: SiLU after the convolution (official ViG-T).
+        out_act: SiLU on the mixed output y (official ViG-T).
+        prefix_position: where prefix tokens are scanned: ``"middle"`` (scan index ⌊P/2⌋), ``"front"`` or ``"end"``.
+        forget_bias_init: ``b2`` under the pretrained init (+4: α ≈ 0.9989, a memory of about 900 tokens).
+        mix_bias_init: ``b_g`` under the pretrained init (+4: G ≈ 0.98, mostly the global path).
+        rms_eps: eps of both RMSNorms.
+    """
+
+    method = "vig"
+    expand_k: float = 1.0
+    gate_rank: int = 16
+    gate_normalizer: float = 16.0
+    dwc_kernel: int = 3
+    act_in_conv: bool = False
+    out_act: bool = False
+    prefix_position: str = "middle"
+    forget_bias_init: float = 4.0
+    mix_bias_init: float = 4.0
+    rms_eps: float = 1e-6
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.expand_k != 1.0:
+            raise ValueError(
+                f"expand_k={self.expand_k}: vig reuses the host's qkv, whose q and k have the head width, so only "
+                "expand_k=1.0 is possible (the official 0.5 needs fresh q/k projections; METHODS.md §12.12)"
+            )
+        if int(self.gate_rank) != self.gate_rank or self.gate_rank < 1:
+            raise ValueError(f"gate_rank must be a positive integer, got {self.gate_rank}")
+        if not self.gate_normalizer > 0:
+            raise ValueError(f"gate_normalizer must be > 0, got {self.gate_normalizer}")
+        if int(self.dwc_kernel) != self.dwc_kernel or self.dwc_kernel < 1 or self.dwc_kernel % 2 == 0:
+            raise ValueError(f"dwc_kernel must be a positive odd number, got {self.dwc_kernel}")
+        if self.prefix_position not in PREFIX_POSITIONS:
+            raise ValueError(f"prefix_position must be one of {PREFIX_POSITIONS}, got {self.prefix_position!r}")
+        if not self.rms_eps >= 0:
+            raise ValueError(f"rms_eps must be >= 0, got {self.rms_eps}")
+
+
+def scan_index(num_patches: int, position: str) -> int:
+    """Index in the patch sequence at which the prefix tokens are scanned."""
+    return {"middle": num_patches // 2, "front": 0, "end": num_patches}[position]
+
+
+def to_scan_order(t: torch.Tensor, num_prefix: int, index: int, dim: int = 2) -> torch.Tensor:
+    """Move the first ``num_prefix`` tokens of ``t`` (along ``dim``), contiguously, to just before patch ``index``."""
+    if num_prefix == 0 or index == 0:
+        return t
+    n = t.shape[dim]
+    prefix = t.narrow(dim, 0, num_prefix)
+    before = t.narrow(dim, num_prefix, index)
+    after = t.narrow(dim, num_prefix + index, n - num_prefix - index)
+    return torch.cat((before, prefix, after), dim)
+
+
+def from_scan_order(t: torch.Tensor, num_prefix: int, index: int, dim: int = 2) -> torch.Tensor:
+    """Inverse of :func:`to_scan_order`: the prefix tokens go back to the front."""
+    if num_prefix == 0 or index == 0:
+        return t
+    n = t.shape[dim]
+    before = t.narrow(dim, 0, index)
+    prefix = t.narrow(dim, index, num_prefix)
+    after = t.narrow(dim, index + num_prefix, n - num_prefix - index)
+    return torch.cat((prefix, before, after), dim)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, computed in fp32 (float64 stays float64), in ``x``'s dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(acc)).to(x.dtype)
+
+
+def _heads(t: torch.Tensor, h: int, d: int) -> torch.Tensor:
+    """``[B, N, h·d]`` -> ``[B, h, N, d]`` (channel ``g·d + e`` is head g, dimension e)."""
+    B, N, _ = t.shape
+    return t.reshape(B, N, h, d).transpose(1, 2)
+
+
+class VigAttention(TokenMixer):
+    """ViG's gated linear attention mixer (see the module docstring).
+
+    Parameters (all new; the host's qkv and proj are reused): ``dwc`` (depthwise ``k×k``, no bias), ``gate_down``
+    (W1, no bias), ``gate_up`` (W2 with b2), ``mix`` (W_g with b_g), ``norm_o`` / ``norm_l`` (RMSNorm weights of size
+    d, shared by the heads): ``C² + (k² + 3·rank + 3)·C + 2d`` (170,624 for DeiT-S).
+    """
+
+    method = "vig"
+    op = "bidir_gla"
+    reads_input = True
+
+    def __init__(self, config: VigConfig, host: HostInfo):
+        super().__init__(config, host)
+        if host.dim != host.attn_dim:
+            raise ValueError(
+                f"vig mixes the attention output with the (convolved) layer input per head, so the host's attn_dim "
+                f"({host.attn_dim}) must equal its input width ({host.dim})"
+            )
+        C, d, k, r = host.attn_dim, host.head_dim, config.dwc_kernel, config.gate_rank
+        self.dwc = nn.Conv2d(C, C, k, padding=k // 2, groups=C, bias=False)
+        self.gate_down = nn.Linear(C, r, bias=False)
+        self.gate_up = nn.Linear(r, 2 * C, bias=True)
+        self.mix = nn.Linear(C, C, bias=True)
+        self.norm_o = nn.Parameter(torch.ones(d))
+        self.norm_l = nn.Parameter(torch.ones(d))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg = self.config
+        nn.init.ones_(self.norm_o)
+        nn.init.ones_(self.norm_l)
+        nn.init.xavier_uniform_(self.gate_down.weight, gain=OFFICIAL_GAIN)
+        if cfg.init == "official":
+            for m in (self.dwc, self.gate_up, self.mix):
+                nn.init.xavier_uniform_(m.weight, gain=OFFICIAL_GAIN)
+            nn.init.zeros_(self.gate_up.bias)
+            nn.init.zeros_(self.mix.bias)
+            return
+        k = cfg.dwc_kernel
+        self.dwc.weight.zero_()
+        self.dwc.weight[:, :, k // 2, k // 2] = 1.0
+        nn.init.zeros_(self.gate_up.weight)
+        nn.init.constant_(self.gate_up.bias, cfg.forget_bias_init)
+        nn.init.zeros_(self.mix.weight)
+        nn.init.constant_(self.mix.bias, cfg.mix_bias_init)
+
+    def pre_qkv(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """``x [B, N, C]`` -> ``xs [B, N, C]``: the DWC over the patch grid; prefix tokens pass unchanged."""
+        B, N, C = x.shape
+        P0, (H, W) = layout.num_prefix_tokens, layout.grid
+        grid = x[:, P0:].transpose(1, 2).reshape(B, C, H, W)
+        local = self.dwc(grid)
+        if self.config.act_in_conv:
+            local = F.silu(local)
+        return torch.cat((x[:, :P0], local.flatten(2).transpose(1, 2)), dim=1)
+
+    def log_decays(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward log-decays ``[B, h, N, d]`` (fp32, float64 for float64 input) from ``xs [B, N, C]``."""
+        B, N, _ = xs.shape
+        acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
+        g = self.gate_up(self.gate_down(xs)).to(acc)
+        a = F.logsigmoid(g) / self.config.gate_normalizer
+        a = a.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return a[0], a[1]
+
+    def forward(self, q, k, v, x, layout: TokenLayout):
+        """``q, k, v [B, h, N, d]``, ``x`` = xs ``[B, N, C]`` -> y ``[B, h, N, d]`` (see the module docstring)."""
+        B, h, N, d = q.shape
+        P0, (H, W) = layout.num_prefix_tokens, layout.grid
+        gf, gb = self.log_decays(x)
+        m = scan_index(H * W, self.config.prefix_position)
+        q, k, v, gf, gb = (to_scan_order(t, P0, m) for t in (q, k, v, gf, gb))
+        o = self.kernel(q)(q, k, v, gf, gb, scale=d**-0.5)
+        o = from_scan_order(o, P0, m)
+
+        eps = self.config.rms_eps
+        o_hat = _rms_norm(o, self.norm_o, eps)
+        l_hat = _rms_norm(_heads(x, h, d), self.norm_l, eps)
+        gate = torch.sigmoid(_heads(self.mix(x), h, d))
+        y = o_hat * gate + l_hat * (1 - gate)
+        return F.silu(y) if self.config.out_act else y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, prefix_position={self.config.prefix_position}"
+
+
+METHOD = MethodSpec(
+    name="vig",
+    site="attention",
+    config_cls=VigConfig,
+    module_cls=VigAttention,
+    summary="bidirectional gated linear attention with a DWC on the input and a gated local mix (ViG)",
+    regime="fine-tuning",
+    paper="ViG, arXiv 2405.18425",
+)
