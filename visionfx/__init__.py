@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from visionfx.config import load_config
 from visionfx.io import load_pretrained, save_pretrained
+from visionfx.methods.prepbn import recalibrate_bn, reparameterize
 from visionfx.patching import explain, get_config, is_patched, patch, unpatch
 from visionfx.registry import list_methods
 
@@ -24,5 +25,7 @@ __all__ = [
     "save_pretrained",
     "load_pretrained",
     "explain",
+    "reparameterize",
+    "recalibrate_bn",
     "__version__",
 ]

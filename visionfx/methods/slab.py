@@ -2,7 +2,18 @@
 
 Paper: Guo et al., "SLAB: Efficient Transformers with Simplified Linear Attention and Progressive Re-parameterized
 Batch Normalization", ICML 2024 (arXiv 2405.11582). METHODS.md §5. Differences from the official code: prefix tokens
-are kept (they join the sums and get no position term or DWC), and the position term is resampled to other grids.
+are kept (they join the sums and get no position term or DWC), and the position term is resampled to other grids
+like timm's position embedding.
+
+Numerics (§5.5): the attention part runs with autocast disabled, and the position term is added in the promoted
+dtype (an fp32 PE under autocast keeps ``k'`` in fp32, as officially); q and v join that dtype and the op
+accumulates in fp32. The DWC runs as any convolution (under autocast in half precision, as officially). The output
+is cast back to the input dtype once, at the end.
+
+``norm="prepbn"`` also replaces the model's LayerNorms by PRepBN (METHODS.md §6, :mod:`visionfx.methods.prepbn`):
+the config then carries the schedule length ``prepbn_steps`` (required: about 0.8 x the planned training iterations)
+and ``companions()`` returns the matching :class:`~visionfx.methods.prepbn.PRepBNConfig`. PRepBN replaces every
+LayerNorm of the blocks and the final norm, whatever ``layers`` selects for the attention.
 """
 
 from __future__ import annotations
@@ -13,11 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionfx.config import AttentionConfig
+from visionfx.config import AttentionConfig, suggest
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
+from visionfx.methods.prepbn import PRepBNConfig, missing_steps_message
 from visionfx.registry import MethodSpec
 
 __all__ = ["SlabConfig", "SlabAttention", "resample_grid_param"]
+
+
+NORMS = (None, "prepbn")
 
 
 @dataclass(frozen=True)
@@ -29,6 +44,11 @@ class SlabConfig(AttentionConfig):
         use_pe: add the learnable position term to the keys of patch tokens.
         pe_resample: interpolation used to resample the position term to another grid.
         eps: added to the denominator.
+        norm: ``None`` (LayerNorms untouched) or ``"prepbn"`` (also patch the norm site with PRepBN).
+        prepbn_steps: with ``norm="prepbn"``, PRepBN's ``total_steps`` T (required; about 0.8 x the planned
+            training iterations).
+        prepbn_warmup: with ``norm="prepbn"``, PRepBN's ``warmup`` (pure LayerNorm forwards before the schedule).
+        prepbn_r0: with ``norm="prepbn"``, PRepBN's ``r0`` (λ at the start of the schedule).
     """
 
     method = "slab"
@@ -36,6 +56,10 @@ class SlabConfig(AttentionConfig):
     use_pe: bool = True
     pe_resample: str = "bicubic"
     eps: float = 1e-6
+    norm: str | None = None
+    prepbn_steps: int | None = None
+    prepbn_warmup: int = 0
+    prepbn_r0: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -45,6 +69,24 @@ class SlabConfig(AttentionConfig):
             raise ValueError(f"pe_resample must be bicubic, bilinear or nearest, got {self.pe_resample!r}")
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if self.norm not in NORMS:
+            hint = suggest(self.norm, ["prepbn"]) if isinstance(self.norm, str) else ""
+            raise ValueError(f"norm must be None or 'prepbn', got {self.norm!r}{hint}")
+        if self.norm is None:
+            if (self.prepbn_steps, self.prepbn_warmup, self.prepbn_r0) != (None, 0, 1.0):
+                raise ValueError("prepbn_steps, prepbn_warmup and prepbn_r0 apply with norm='prepbn' only")
+        else:
+            if self.prepbn_steps is None:
+                raise ValueError(missing_steps_message(
+                    "slab with norm='prepbn' needs prepbn_steps; it",
+                    "visionfx.patch(model, 'slab', norm='prepbn', prepbn_steps=int(0.8 * iterations))"))
+            self.companions()  # validates the PRepBN options
+
+    def companions(self) -> tuple[PRepBNConfig, ...]:
+        """The PRepBN config of the norm site when ``norm="prepbn"``."""
+        if self.norm != "prepbn":
+            return ()
+        return (PRepBNConfig(total_steps=self.prepbn_steps, warmup=self.prepbn_warmup, r0=self.prepbn_r0),)
 
 
 def resample_grid_param(p: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], mode: str) -> torch.Tensor:
@@ -80,16 +122,20 @@ class SlabAttention(TokenMixer):
         return {"feature": "relu", "normalizer": "divisive"}
 
     def forward(self, q, k, v, x, layout: TokenLayout):
+        """``q, k, v [B, h, N, d]`` (host q/k norms applied) -> ``[B, h, N, d]`` in the dtype of ``q``."""
         B, h, N, d = q.shape
         P0, (H, W) = layout.num_prefix_tokens, layout.grid
+        out_dtype = q.dtype
         if self.pe is not None:
             pe = resample_grid_param(self.pe, self.grid0, (H, W), self.config.pe_resample)
-            pe = pe.reshape(1, H * W, h, d).transpose(1, 2).to(k.dtype)
-            k = torch.cat((k[:, :, :P0], k[:, :, P0:] + pe), dim=2)
-        o = self.kernel(q)(q, k, v, feature="relu", normalizer="divisive", eps=self.config.eps)
+            kp = k[:, :, P0:] + pe.reshape(1, H * W, h, d).transpose(1, 2)
+            k = torch.cat((k[:, :, :P0].to(kp.dtype), kp), dim=2)
+            q, v = q.to(k.dtype), v.to(k.dtype)
+        with torch.autocast(q.device.type, enabled=False):  # §5.5: fp32 even under autocast
+            o = self.kernel(q)(q, k, v, feature="relu", normalizer="divisive", eps=self.config.eps)
         vp = v[:, :, P0:].reshape(B * h, H, W, d).permute(0, 3, 1, 2)
-        local = self.dwc(vp.to(self.dwc.weight.dtype)).permute(0, 2, 3, 1).reshape(B, h, H * W, d).to(o.dtype)
-        return torch.cat((o[:, :, :P0], o[:, :, P0:] + local), dim=2)
+        local = self.dwc(vp.to(self.dwc.weight.dtype)).permute(0, 2, 3, 1).reshape(B, h, H * W, d)
+        return torch.cat((o[:, :, :P0], (o[:, :, P0:] + local).to(o.dtype)), dim=2).to(out_dtype)
 
 
 METHOD = MethodSpec(
