@@ -1,0 +1,448 @@
+"""Hugging Face LLaVA family: ``LlavaForConditionalGeneration`` and ``LlavaNextForConditionalGeneration``.
+
+This module is the model bookkeeping shared by the ``visual_tokens`` methods (MLLM.md §0, §1.3, §5): it finds the
+vision tower, its CLIP layers, the projector and the LLM layers (:class:`LlavaParts`), locates image spans, checks left
+padding, shrinks placeholder runs (:func:`shrink_placeholders`) and owns everything a patch changes
+(:class:`LlavaHandle`: hooks, instance-attribute wrappers of ``get_image_features`` / ``forward`` / ``generate`` that
+keep the wrapped signatures, ``attn_implementation``), so that ``remove()`` gives back the exact original model.
+
+Protocol for methods: a ``visual_tokens`` method module defines ``install(parts: LlavaParts, config) -> LlavaHandle``
+(found through the module of the method's config class). The adapter calls it and stores the handle in the patch
+record; :func:`get_handle` returns it. Nothing is forked: only wrappers made with ``functools.wraps``, forward
+(pre-)hooks and ``set_attn_implementation``.
+
+Choices the docs leave open:
+- The family is recognised by class name in the model's MRO (module under ``transformers.``), so importing visionfx
+  never imports transformers and user subclasses are accepted; LlavaNextVideo, OneVision and others are not claimed.
+- Shrinking is decided from the placeholder total: the sum of the unshrunk counts shrinks, the sum of the kept counts
+  is left alone (idempotent even when two images sit next to each other), anything else is an error.
+- Padding inserted by re-padding uses ``config.pad_token_id`` (or the text config's, else 0); labels of image
+  positions become -100.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from visionfx.patches.base import Adapter
+from visionfx.registry import AdapterSpec
+
+__all__ = [
+    "LlavaParts",
+    "LlavaHandle",
+    "LlavaAdapter",
+    "get_handle",
+    "check_left_padding",
+    "image_spans",
+    "shrink_placeholders",
+    "call_kwargs",
+]
+
+_FAMILIES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
+
+
+def _family(model: nn.Module) -> str | None:
+    for cls in type(model).__mro__:
+        if cls.__name__ in _FAMILIES and cls.__module__.startswith("transformers."):
+            return _FAMILIES[cls.__name__]
+    return None
+
+
+def call_kwargs(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``args``/``kwargs`` of a call to a function with ``signature``, all as keywords (``**kwargs`` flattened)."""
+    bound = signature.bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"unexpected extra positional arguments {value!r}")
+        else:
+            out[name] = value
+    return out
+
+
+def check_left_padding(attention_mask: torch.Tensor | None) -> None:
+    """Raise if a row of ``attention_mask [B, L]`` is right padded (its last column is 0)."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] == 0:
+        return
+    if bool((attention_mask[:, -1] == 0).any()):
+        rows = torch.nonzero(attention_mask[:, -1] == 0).flatten().tolist()
+        raise ValueError(
+            f"rows {rows} of the batch are right padded (attention_mask[:, -1] == 0); visual-token methods need left "
+            "padding: set processor.tokenizer.padding_side = 'left'"
+        )
+
+
+def _leading_pad(mask_row: torch.Tensor) -> int:
+    return int((mask_row.cumsum(0) == 0).sum())
+
+
+def _runs(row: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
+    hit = (row == token_id).to(torch.int8)
+    if not bool(hit.any()):
+        return []
+    edges = torch.diff(torch.nn.functional.pad(hit, (1, 1))).nonzero().flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2]))
+
+
+def image_spans(input_ids: torch.Tensor, image_token_id: int) -> list[list[tuple[int, int]]]:
+    """Per row of ``input_ids [B, L]``, the ``(start, end)`` tensor coordinates (padding included) of each run of
+    image placeholders. Two images written back to back form one run."""
+    return [_runs(row, image_token_id) for row in input_ids]
+
+
+def shrink_placeholders(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_token_id: int,
+    full_counts: list[int],
+    kept_counts: list[int],
+    pad_token_id: int = 0,
+    labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Shrink each image's placeholder run from its full count to its kept count (MLLM.md §1.3b).
+
+    Images are numbered in reading order over the batch (row 0 first), as HF scatters features. Per row the left
+    padding is stripped, every run is replaced by a run of the kept length, and rows are left padded again to the new
+    maximum length. Idempotent: inputs whose placeholder total already equals ``sum(kept_counts)`` come back as they
+    are (the same tensors).
+
+    Args:
+        input_ids: ``[B, L]`` left-padded token ids.
+        attention_mask: ``[B, L]`` or ``None`` (no padding).
+        image_token_id: the placeholder id.
+        full_counts: placeholders per image before pruning, in reading order.
+        kept_counts: features per image after pruning.
+        pad_token_id: id written into new padding.
+        labels: ``[B, L]`` or ``None``; image positions become -100.
+
+    Returns:
+        ``(input_ids [B, L'], attention_mask [B, L'] or None, labels [B, L'] or None)``.
+
+    Raises:
+        ValueError: the placeholder total matches neither count, or a run does not cover whole images.
+    """
+    if len(full_counts) != len(kept_counts):
+        raise ValueError(f"{len(full_counts)} full counts but {len(kept_counts)} kept counts")
+    total = int((input_ids == image_token_id).sum())
+    if total == sum(kept_counts):
+        return input_ids, attention_mask, labels
+    if total != sum(full_counts):
+        if total == 0:
+            raise ValueError(
+                f"images were given but input_ids holds no image token (id {image_token_id}); build the prompt with "
+                "the processor (it expands <image> into its placeholder run)"
+            )
+        raise ValueError(
+            f"input_ids holds {total} image tokens (id {image_token_id}) but the {len(full_counts)} images need "
+            f"{sum(full_counts)} (one full run each) or {sum(kept_counts)} (already shrunk)"
+        )
+    B, L = input_ids.shape
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+    image = 0
+    for b in range(B):
+        pad = _leading_pad(mask[b])
+        ids, m = input_ids[b, pad:], mask[b, pad:]
+        lab = labels[b, pad:] if labels is not None else None
+        pieces_ids, pieces_m, pieces_l, cursor = [], [], [], 0
+        for start, end in _runs(ids, image_token_id):
+            covered, new_len = 0, 0
+            while covered < end - start and image < len(full_counts):
+                covered, new_len, image = covered + full_counts[image], new_len + kept_counts[image], image + 1
+            if covered != end - start:
+                raise ValueError(
+                    f"row {b}: a run of {end - start} image tokens does not match the placeholder counts of the "
+                    f"images it should hold ({covered}); is each image's placeholder run complete?"
+                )
+            pieces_ids += [ids[cursor:start], ids.new_full((new_len,), image_token_id)]
+            pieces_m += [m[cursor:start], m.new_ones((new_len,))]
+            if lab is not None:
+                pieces_l += [lab[cursor:start], lab.new_full((new_len,), -100)]
+            cursor = end
+        pieces_ids.append(ids[cursor:])
+        pieces_m.append(m[cursor:])
+        if lab is not None:
+            pieces_l.append(lab[cursor:])
+        rows.append((torch.cat(pieces_ids), torch.cat(pieces_m), torch.cat(pieces_l) if lab is not None else None))
+    if image != len(full_counts):
+        raise ValueError(f"{len(full_counts)} images were given but input_ids holds placeholders for {image}")
+    width = max(r[0].shape[0] for r in rows)
+    out_ids = input_ids.new_full((B, width), pad_token_id)
+    out_mask = mask.new_zeros((B, width))
+    out_lab = labels.new_full((B, width), -100) if labels is not None else None
+    for b, (ids, m, lab) in enumerate(rows):
+        out_ids[b, width - ids.shape[0]:] = ids
+        out_mask[b, width - m.shape[0]:] = m
+        if out_lab is not None:
+            out_lab[b, width - lab.shape[0]:] = lab
+    if attention_mask is None and bool(out_mask.all()):
+        out_mask = None
+    return out_ids, out_mask, out_lab
+
+
+@dataclass
+class LlavaParts:
+    """Where everything lives in one LLaVA model (MLLM.md §0 module paths).
+
+    Attributes:
+        model: the top-level ``*ForConditionalGeneration``.
+        inner: ``model.model`` (``LlavaModel`` / ``LlavaNextModel``), owner of ``get_image_features``.
+        family: ``"llava"`` or ``"llava_next"``.
+        vision_tower, vision_layers, projector, language_model, llm_layers: the sub-modules.
+        image_token_id: the placeholder id.
+        num_patches: patch tokens per image (per crop for LlavaNext), N.
+        grid: ``(H, W)`` patch grid of one crop.
+        has_cls: the tower prepends a CLS token (CLIP).
+    """
+
+    model: nn.Module
+    inner: nn.Module
+    family: str
+    vision_tower: nn.Module
+    vision_layers: nn.ModuleList
+    projector: nn.Module
+    language_model: nn.Module
+    llm_layers: nn.ModuleList
+    image_token_id: int
+    num_patches: int
+    grid: tuple[int, int]
+    has_cls: bool
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "LlavaParts":
+        family = _family(model)
+        if family is None:
+            raise TypeError(f"{type(model).__name__} is not a transformers LlavaForConditionalGeneration or "
+                            "LlavaNextForConditionalGeneration")
+        inner = model.model
+        tower = inner.vision_tower
+        owner = getattr(tower, "vision_model", tower)  # CLIP has a .vision_model wrapper in 4.x only
+        encoder = getattr(owner, "encoder", None)
+        layers = getattr(encoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            raise TypeError(f"cannot find the encoder layers of the vision tower {type(tower).__name__}")
+        lm = inner.language_model
+        llm_layers = getattr(lm, "layers", None)
+        if llm_layers is None:
+            llm_layers = lm.model.layers  # 4.x kept a CausalLM here in some versions
+        config = model.config
+        token = getattr(config, "image_token_id", None)
+        if token is None:
+            token = config.image_token_index
+        vcfg = config.vision_config
+        grid = (vcfg.image_size // vcfg.patch_size,) * 2
+        embeddings = getattr(owner, "embeddings", None)
+        return cls(model=model, inner=inner, family=family, vision_tower=tower, vision_layers=layers,
+                   projector=inner.multi_modal_projector, language_model=lm, llm_layers=llm_layers,
+                   image_token_id=int(token), num_patches=grid[0] * grid[1], grid=grid,
+                   has_cls=hasattr(embeddings, "class_embedding"))
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def pad_token_id(self) -> int:
+        for cfg in (self.config, getattr(self.config, "text_config", None)):
+            pad = getattr(cfg, "pad_token_id", None)
+            if pad is not None:
+                return int(pad)
+        return 0
+
+    def select_strategy(self, value: str | None = None) -> str:
+        return value if value is not None else self.config.vision_feature_select_strategy
+
+    def feature_layer(self, value: int | list[int] | None = None) -> int:
+        """Index ℓ_f of the CLIP layer whose *output* is the feature (MLLM.md §1.1 step 1): ``Lv + v`` for v < 0,
+        ``v - 1`` for v > 0; for a list of feature layers, its last element."""
+        v = self.config.vision_feature_layer if value is None else value
+        if isinstance(v, (list, tuple)):
+            v = v[-1]
+        depth = len(self.vision_layers)
+        if v == 0 or not -depth <= v <= depth:
+            raise ValueError(f"vision_feature_layer={v} does not name a layer output of a {depth}-layer vision tower")
+        return depth + v if v < 0 else v - 1
+
+    def crops_per_image(self, image_sizes) -> list[int]:
+        """Crops (base + tiles) of each LlavaNext image, computed as HF does from ``image_sizes [n, 2]``."""
+        helper = getattr(sys.modules[type(self.inner).__module__], "image_size_to_num_patches")
+        return [helper(image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                       patch_size=self.config.vision_config.image_size) for size in image_sizes]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def supports_mm_encoder_outputs(self) -> bool:
+        """Whether this transformers version lets ``forward`` take pre-encoded images (5.18 and later)."""
+        return "mm_encoder_outputs" in inspect.signature(type(self.model).forward).parameters
+
+
+class _Wrapper:
+    """An instance-attribute replacement of a bound method: ``fn(handle, original, *args, **kwargs)``. It carries
+    the original's metadata (``functools.update_wrapper``), so ``inspect.signature`` sees the original parameters,
+    which transformers uses to route kwargs."""
+
+    def __init__(self, handle: "LlavaHandle", original: Callable, fn: Callable):
+        self.handle = handle
+        self.original = original
+        self.fn = fn
+        self.signature = inspect.signature(original)
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.handle, self.original, self.signature, args, kwargs)
+
+
+class LlavaHandle:
+    """What one ``visual_tokens`` patch changed on a LLaVA model; :meth:`remove` undoes all of it.
+
+    Subclasses (one per method) add their state and override :meth:`call_scope`, which the ``forward`` and
+    ``generate`` wrappers run the original inside.
+    """
+
+    def __init__(self, parts: LlavaParts, config):
+        self.parts = parts
+        self.config = config
+        self._hooks: list = []
+        self._wrapped: list[tuple[object, str, _Wrapper]] = []
+        self._attn_saved: dict | None = None
+
+    # --- changes that remove() undoes ---------------------------------------------------------------------------
+    def add_hook(self, removable) -> None:
+        self._hooks.append(removable)
+
+    def pre_hook(self, module: nn.Module, hook: Callable) -> None:
+        """``hook(module, args, kwargs)`` before ``module`` runs (``with_kwargs=True``)."""
+        self.add_hook(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def forward_hook(self, module: nn.Module, hook: Callable) -> None:
+        """``hook(module, args, kwargs, output)`` after ``module`` runs (``with_kwargs=True``)."""
+        self.add_hook(module.register_forward_hook(hook, with_kwargs=True))
+
+    def wrap(self, owner: object, name: str, fn: Callable) -> _Wrapper:
+        """Shadow ``owner.name`` by an instance attribute calling ``fn(handle, original, signature, args, kwargs)``."""
+        if name in owner.__dict__:
+            raise RuntimeError(f"{type(owner).__name__}.{name} is already wrapped; unpatch first")
+        wrapper = _Wrapper(self, getattr(owner, name), fn)
+        owner.__dict__[name] = wrapper
+        self._wrapped.append((owner, name, wrapper))
+        return wrapper
+
+    def set_attn_implementation(self, implementation: str | dict) -> None:
+        """Switch attention implementations (``model.set_attn_implementation``); :meth:`remove` sets the previous
+        values back."""
+        cfg = self.parts.config
+        if self._attn_saved is None:
+            saved = {"": cfg._attn_implementation}
+            for key in getattr(cfg, "sub_configs", {}) or {}:
+                sub = getattr(cfg, key, None)
+                if sub is not None:
+                    saved[key] = sub._attn_implementation
+            self._attn_saved = saved
+        self.parts.model.set_attn_implementation(implementation)
+
+    def remove(self) -> None:
+        """Remove hooks, delete the wrappers (class methods visible again) and restore attention implementations."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for owner, name, wrapper in reversed(self._wrapped):
+            if owner.__dict__.get(name) is wrapper:
+                del owner.__dict__[name]
+        self._wrapped.clear()
+        if self._attn_saved is not None:
+            self.parts.model.set_attn_implementation(self._attn_saved)
+            self._attn_saved = None
+
+    # --- entry points ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def call_scope(self, kwargs: dict[str, Any], entry: str) -> Iterator[dict[str, Any]]:
+        """Yield the kwargs the original ``entry`` (``"forward"`` or ``"generate"``) runs with; the default changes
+        nothing. Runs around the whole original call, so state set here lives exactly as long as the call."""
+        yield kwargs
+
+    def wrap_entry_points(self) -> None:
+        """Wrap the top-level ``forward`` and ``generate`` so that every call goes through :meth:`call_scope`."""
+        self.wrap(self.parts.model, "forward", _forward_entry)
+        self.wrap(self.parts.model, "generate", _generate_entry)
+
+
+def _forward_entry(handle: LlavaHandle, original, signature, args, kwargs):
+    with handle.call_scope(call_kwargs(signature, args, kwargs), "forward") as new:
+        return original(**new)
+
+
+def _generate_entry(handle: LlavaHandle, original, signature, args, kwargs):
+    kw = call_kwargs(signature, args, kwargs)
+    if kw.get("input_ids") is None and torch.is_tensor(kw.get("inputs")) and not kw["inputs"].is_floating_point():
+        kw["input_ids"] = kw.pop("inputs")
+    prompt = kw.get("input_ids")
+    with handle.call_scope(kw, "generate") as new:
+        shrunk = new.get("input_ids")
+        out = original(**new)
+    if prompt is None or shrunk is prompt:
+        return out
+    # The caller's prompt (as given) followed by the new tokens, so out[:, input_ids.shape[1]:] keeps working.
+    seq = out if torch.is_tensor(out) else out.sequences
+    seq = torch.cat([prompt.to(seq.device), seq[:, shrunk.shape[1]:]], dim=1)
+    if torch.is_tensor(out):
+        return seq
+    out.sequences = seq
+    return out
+
+
+def get_handle(model: nn.Module) -> LlavaHandle:
+    """The handle of the ``visual_tokens`` patch on ``model`` (kept indices, ``prepare_inputs``, ...)."""
+    from visionfx.patching import patch_state
+
+    state = patch_state(model)
+    for rec in (state or {}).get("records", ()):
+        if rec.get("site") == "visual_tokens":
+            return rec["handle"]
+    raise RuntimeError("this model carries no visionfx visual_tokens patch")
+
+
+class LlavaAdapter(Adapter):
+    """Site ``visual_tokens`` for transformers LLaVA and LLaVA-NeXT; the method module's ``install`` does the rest."""
+
+    name = "llava"
+
+    def matches(self, model: nn.Module) -> bool:
+        return _family(model) is not None and hasattr(model, "model")
+
+    def apply(self, model: nn.Module, spec, config) -> dict[str, Any]:
+        if spec.site != "visual_tokens":
+            return super().apply(model, spec, config)
+        module = importlib.import_module(spec.config_cls.__module__)
+        install = getattr(module, "install", None)
+        if install is None:
+            raise TypeError(f"method {spec.name!r} defines no install(parts, config) for LLaVA models")
+        parts = LlavaParts.of(model)
+        handle = install(parts, config)
+        return {"site": "visual_tokens", "paths": [], "handle": handle}
+
+    def remove(self, model: nn.Module, record: dict[str, Any]) -> None:
+        if record["site"] != "visual_tokens":
+            return super().remove(model, record)
+        record["handle"].remove()
+
+
+ADAPTER = AdapterSpec(
+    name="llava",
+    family="transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration",
+    sites=("visual_tokens",),
+    adapter=LlavaAdapter(),
+)
