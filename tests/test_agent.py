@@ -379,6 +379,19 @@ def test_agentsd_tiny_vit_runs():
     assert y.shape == y0.shape and torch.isfinite(y).all() and not torch.allclose(y, y0)
 
 
+def test_dispatch_options():
+    from visionfx.kernels.agent_attention import _supports
+
+    m = make_mixer(AgentConfig(), (7, 7), 1, attn_drop=0.1)
+    assert m.op == "agent_attention" and m.op_options() == {"bias": True, "dropout": False}
+    m.train()
+    assert m.op_options()["dropout"] is True
+    assert "dropout" in _supports("cuda", torch.float32, 64, **m.op_options())
+    assert "dtype" in _supports("cuda", torch.float64, 64, bias=True, dropout=False)
+    assert _supports("cuda", torch.bfloat16, 64, bias=True, dropout=False) is None
+    assert m.kernel(torch.zeros(1)) is agent_attention_reference  # no Triton kernel registered yet
+
+
 def test_prefix_count_mismatch_raises():
     m = make_mixer(AgentConfig(), (7, 7), 1)
     q, k, v = qkv(1, 2, 51, 8)

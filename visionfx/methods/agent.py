@@ -188,7 +188,7 @@ class AgentAttention(TokenMixer):
             nn.init.zeros_(self.dwc.bias)
 
     def op_options(self) -> dict:
-        return {"bias": self.config.use_bias}
+        return {"bias": self.config.use_bias, "dropout": self.training and self.attn_drop > 0}
 
     def position_biases(self, grid: tuple[int, int], dtype: torch.dtype = torch.float32):
         """``(B1 [h, n, N], B2 [h, N, n])`` for a ``grid = (H, W)`` of patch tokens after the prefix tokens, in
