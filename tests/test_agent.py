@@ -8,6 +8,7 @@ depthwise convolution as explicit kernel loops.
 from __future__ import annotations
 
 import copy
+import io
 import math
 from pathlib import Path
 
@@ -372,7 +373,7 @@ def test_agentsd_tiny_vit_runs():
     with torch.no_grad():
         y0 = model(*x)
     visionfx.patch(model, "agentsd")
-    rows = visionfx.explain(model, file=open("/dev/null", "w"))
+    rows = visionfx.explain(model, file=io.StringIO())
     assert [r["params_added"] for r in rows] == [0, 0] and {r["method"] for r in rows} == {"agentsd"}
     with torch.no_grad():
         y = model(*x)
@@ -411,11 +412,11 @@ def test_parameter_counts(C, h, n, expected):
 def test_explain_counts_deit():
     model = timm.create_model("deit_small_patch16_224", pretrained=False, depth=1)
     visionfx.patch(model, "agent")
-    rows = visionfx.explain(model, file=open("/dev/null", "w"))
+    rows = visionfx.explain(model, file=io.StringIO())
     assert [r["params_added"] for r in rows] == [49_704]
     model = timm.create_model("deit_base_patch16_224", pretrained=False, depth=5)
     visionfx.patch(model, CONFIGS / "agent-deit-b.yaml")
-    rows = visionfx.explain(model, file=open("/dev/null", "w"))
+    rows = visionfx.explain(model, file=io.StringIO())
     assert [r["path"] for r in rows] == [f"blocks.{i}.attn" for i in range(4)]
     assert [r["params_added"] for r in rows] == [159_312] * 4
     assert type(model.blocks[4].attn).__name__ == "Attention"
