@@ -82,15 +82,16 @@ def _env_backend(requested: str) -> str:
     return env
 
 
-def refusal(op: Op, device_type: str, dtype: torch.dtype, head_dim: int, **options) -> str | None:
-    """Why ``op``'s Triton kernel would refuse these inputs (``None``: it accepts them)."""
+def refusal(op: Op, device_type: str, dtype: torch.dtype, head_dim: int, forced: bool = False, **options):
+    """Why ``op``'s Triton kernel would refuse these inputs (``None``: it accepts them). Off CUDA the kernel runs
+    only when forced under ``TRITON_INTERPRET=1`` (the interpreter is for testing, far too slow to choose itself)."""
     if not op.triton:
         return "no Triton kernel for this op yet"
     reason = triton_available()
     if reason:
         return reason
-    if device_type != "cuda" and not _interpreting():
-        return f"inputs on {device_type}, the kernel needs CUDA (or TRITON_INTERPRET=1)"
+    if device_type != "cuda" and not (forced and _interpreting()):
+        return f"inputs on {device_type}; the kernel runs on CUDA"
     return op.supports(device_type, dtype, head_dim, **options)
 
 
@@ -106,7 +107,7 @@ def choose(name: str, backend: str, device_type: str, dtype: torch.dtype, head_d
     backend = _env_backend(backend)
     if backend == "reference":
         return op.reference, "reference", "forced"
-    why = refusal(op, device_type, dtype, head_dim, **options)
+    why = refusal(op, device_type, dtype, head_dim, forced=backend == "triton", **options)
     if why is None:
         return _load(op.triton), "triton", "kernel supports the inputs"
     if backend == "triton":

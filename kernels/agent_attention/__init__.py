@@ -15,7 +15,16 @@ def _supports(device_type, dtype, head_dim, *, dropout: bool = False, **options)
         return "attention dropout in training is implemented by the reference only"
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {dtype} (the kernel takes fp32, fp16 or bf16)"
+    if head_dim > 128:
+        return f"head_dim {head_dim} > 128"
     return None
 
 
-register_op(Op("agent_attention", agent_attention_reference, triton="", supports=_supports))
+register_op(
+    Op(
+        "agent_attention",
+        agent_attention_reference,
+        triton="visionfx.kernels.agent_attention.triton:agent_attention_triton",
+        supports=_supports,
+    )
+)

@@ -1,0 +1,237 @@
+"""Triton kernels of bidirectional gated linear attention (vig), forward and backward.
+
+Same signature and semantics as :func:`visionfx.kernels.bidir_gla.reference.bidir_gla_reference`.
+
+One scan kernel serves every pass. A program owns one (batch, head, direction) and walks 16-token chunks in its
+direction's order, carrying the fp32 state ``S [dk, dv]`` on chip (``S_t = diag(α_t) S_{t−1} + K_tᵀ V_t`` in scan
+order). Per chunk it adds, for its outputs,
+
+* inter-chunk terms through tensor-core products with the carried state, decay factors ``exp(a_p) ≤ 1``;
+* intra-chunk terms exactly per channel: the pair factors ``exp(a_i − a_j)`` (i after j in scan order) are built by
+  a recurrence over j (one ``exp`` of a vector per step, every factor ≤ 1), so strong decays never overflow;
+
+then updates the state with ``exp(a_last − a_j) ≤ 1`` factors. Both directions run in one launch (grid axis 1) and
+add into fp32 outputs. Output kinds: ``A`` (``out_i = X_i · S_i``, contraction over dk, e.g. the forward output) and
+``B`` (``out_i = S_i Y_i``, contraction over dv, e.g. dq). The backward pass uses:
+
+* dq: the forward state with ``Y = dO`` (kind B), per direction;
+* dk, dv: the state of ``(scale·q) ⊗ dO`` scanned in the opposite order with gates shifted by one token
+  (``R_j = α_{next} R_next + s q_j dO_jᵀ``), ``dv = k·R`` (kind A) and ``dk = R v`` (kind B), per direction;
+* gates: ``dA = q ⊙ dq − k ⊙ dk`` per direction, then a reverse (forward scan) or plain (backward scan) cumulative
+  sum over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["bidir_gla_triton"]
+
+CHUNK = 16
+
+
+@triton.jit
+def _scan(
+    KS, VS, G, XA, OUTA, YB, OUTB,
+    N, n_heads, scale_a, scale_b,
+    s_b, s_h, s_n,  # strides of the dk-side inputs k and x ([B, H, N, dk], last dim contiguous)
+    t_b, t_h, t_n,  # strides of the dv-side inputs v and y ([B, H, N, dv], last dim contiguous)
+    g_dir, g_b, g_h, g_n, g_c,  # the gates: direction d's gate of (b, h, n, c) is G[d*g_dir + b*g_b + ...]
+    o_dir, o_bh,  # strides of the fp32 outputs [2, B*H, N, BK|BV]
+    REV0: tl.constexpr, SHIFT: tl.constexpr, HAS_A: tl.constexpr, HAS_B: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_bh, pid_dir = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    if REV0:
+        rev = pid_dir == 0  # scan in descending token order
+    else:
+        rev = pid_dir == 1
+    # SHIFT = 1: the decay applied when stepping onto a token is the gate of the token before it in scan order (the
+    # reversed scans of the backward pass); SHIFT = 0: its own gate
+    step = tl.where(rev, -1, 1)
+    gshift = -SHIFT * step
+    base = b * s_b + h * s_h
+    vbase = b * t_b + h * t_h
+    gbase = pid_dir * g_dir + b * g_b + h * g_h
+    rl = tl.arange(0, L)
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    km, vm = rk < DK, rv < DV
+    S = tl.zeros([BK, BV], tl.float32)
+    n_chunks = tl.cdiv(N, L)
+    for c in range(0, n_chunks):
+        cc = tl.where(rev, n_chunks - 1 - c, c)
+        tok = cc * L + rl  # memory order inside the chunk
+        pos = tl.where(rev, L - 1 - rl, rl)  # scan position of each row
+        tm = tok < N
+        gtok = tok + gshift
+        gm = tm & (gtok >= 0) & (gtok < N)
+        g = tl.load(G + gbase + gtok[:, None] * g_n + rk[None, :] * g_c, mask=gm[:, None] & km[None, :], other=0.0)
+        # cumulative log-decay in scan order, inclusive: a_p = Σ_{r ≤ p} g_r
+        a_fwd = tl.cumsum(g, 0)
+        a_rev = tl.cumsum(g, 0, reverse=True)
+        a = tl.where(rev, a_rev, a_fwd)
+        a_last = tl.sum(g, 0)
+        k = tl.load(KS + base + tok[:, None] * s_n + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        v = tl.load(VS + vbase + tok[:, None] * t_n + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0).to(tl.float32)
+        ea = tl.exp(a)
+        if HAS_A:
+            x = tl.load(XA + base + tok[:, None] * s_n + rk[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32)
+            out_a = tl.dot(x * ea, S, input_precision=PREC)
+        if HAS_B:
+            y = tl.load(YB + vbase + tok[:, None] * t_n + rv[None, :], mask=tm[:, None] & vm[None, :], other=0.0).to(tl.float32)
+            out_b = ea * tl.dot(y, tl.trans(S), input_precision=PREC)
+        # intra-chunk, exact: walk key positions p_j from last to first in scan order; M[i, :] = exp(a_i − a_j)
+        M = tl.zeros([L, BK], tl.float32)
+        for t in tl.static_range(L):
+            pj = L - 1 - t
+            jrow = tl.where(rev, L - 1 - pj, pj)
+            # vector-shaped token indices: the interpreter mishandles masks broadcast from scalars
+            jtok = cc * L + jrow + 0 * rk
+            jok = jtok < N
+            # decay of the token after p_j in scan order, applied to every later row (at p_j = L - 1 every row of M
+            # is still 0, so reading past the chunk there is harmless)
+            nrow = tl.where(rev, jrow - 1, jrow + 1) + 0 * rk
+            ntok = cc * L + nrow + gshift
+            nok = (cc * L + nrow < N) & (ntok >= 0) & (ntok < N)
+            gn = tl.load(G + gbase + ntok * g_n + rk * g_c, mask=nok & km, other=0.0)
+            M = M * tl.exp(gn)[None, :]
+            M = tl.where(pos[:, None] == pj, 1.0, M)
+            kj = tl.load(KS + base + jtok * s_n + rk, mask=jok & km, other=0.0).to(tl.float32)
+            jtok_v = cc * L + jrow + 0 * rv
+            vj = tl.load(VS + vbase + jtok_v * t_n + rv, mask=(jtok_v < N) & vm, other=0.0).to(tl.float32)
+            if HAS_A:
+                score = tl.sum(x * M * kj[None, :], 1)
+                out_a += score[:, None] * vj[None, :]
+            if HAS_B:
+                w = tl.sum(y * vj[None, :], 1)
+                out_b += w[:, None] * M * kj[None, :]
+        optr = pid_dir * o_dir + pid_bh * o_bh + tok[:, None] * BK
+        if HAS_A:
+            tl.store(OUTA + pid_dir * o_dir + pid_bh * o_bh + tok[:, None] * BV + rv[None, :], out_a * scale_a,
+                     mask=tm[:, None] & vm[None, :])
+        if HAS_B:
+            tl.store(OUTB + optr + rk[None, :], out_b * scale_b, mask=tm[:, None] & km[None, :])
+        # state update: S = exp(a_last) S + (K ⊙ exp(a_last − a))ᵀ V
+        kd = k * tl.exp(a_last[None, :] - a)
+        S = S * tl.exp(a_last)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
+
+
+def _p2(x):
+    return max(16, triton.next_power_of_2(int(x)))
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _gates(gf, gb):
+    """One base tensor and the element offset of the backward gates: zero-copy when gf and gb are two views of one
+    fp32 buffer with equal strides (as the vig mixer produces them), otherwise a stacked copy."""
+    gf, gb = gf.float(), gb.float()
+    if gf.untyped_storage().data_ptr() == gb.untyped_storage().data_ptr() and gf.stride() == gb.stride():
+        return gf, gb.storage_offset() - gf.storage_offset()
+    both = torch.stack((gf, gb))
+    return both[0], both.stride(0)
+
+
+def _run_scan(ks, vs, gates, xa, yb, *, rev0, shift, scale_a, scale_b, dk, dv):
+    """Both directions of one scan; returns fp32 outputs ``[2, B*H, N, dv]`` (kind A) and ``[2, B*H, N, dk]`` (B)."""
+    B, H, N, _ = ks.shape
+    BK, BV = _p2(dk), _p2(dv)
+    dev = ks.device
+    out_a = torch.empty(2, B * H, N, BV, device=dev, dtype=torch.float32) if xa is not None else None
+    out_b = torch.empty(2, B * H, N, BK, device=dev, dtype=torch.float32) if yb is not None else None
+    dummy = ks
+    o_dir = B * H * N * (BK if out_b is not None else BV)
+    o_bh = N * (BK if out_b is not None else BV)
+    if out_a is not None and out_b is not None and BK != BV:
+        raise ValueError("one scan computes kind A and B outputs together only when dk and dv pad alike")
+    g, g_off = gates
+    _scan[(B * H, 2)](
+        ks, vs, g,
+        xa if xa is not None else dummy, out_a if out_a is not None else dummy,
+        yb if yb is not None else dummy, out_b if out_b is not None else dummy,
+        N, H, float(scale_a), float(scale_b),
+        ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), g_off, *g.stride(), o_dir, o_bh,
+        REV0=rev0, SHIFT=shift, HAS_A=xa is not None, HAS_B=yb is not None,
+        DK=dk, DV=dv, BK=BK, BV=BV, L=CHUNK, PREC=_prec(ks.dtype), num_warps=4 if max(BK, BV) <= 64 else 8,
+    )
+    unpad = lambda t, d: None if t is None else t[..., :d].reshape(2, B, H, N, d)
+    return unpad(out_a, dv), unpad(out_b, dk)
+
+
+def _same_layout(*ts):
+    """The [B, H, N, *] inputs share one set of strides in the kernel: make them contiguous."""
+    return [t.contiguous() for t in ts]
+
+
+def _fwd(q, k, v, gf, gb, scale):
+    q, k, v = _same_layout(q, k, v)
+    out_a, _ = _run_scan(k, v, _gates(gf, gb), q, None, rev0=False, shift=0, scale_a=0.5 * scale, scale_b=0.0,
+                         dk=q.shape[-1], dv=v.shape[-1])
+    return (out_a[0] + out_a[1]).to(q.dtype)
+
+
+def _bwd(do, q, k, v, gf, gb, scale):
+    q, k, v, do = _same_layout(q, k, v, do.to(q.dtype))
+    gates = _gates(gf, gb)
+    dk_, dv_ = q.shape[-1], v.shape[-1]
+    # dq per direction: forward states (K = k, V = v) read by Y = dO; o = (o_f + o_b)/2 gives the 0.5
+    _, dq = _run_scan(k, v, gates, None, do, rev0=False, shift=0, scale_a=0.0, scale_b=0.5 * scale, dk=dk_, dv=dv_)
+    # dk, dv per direction: states of q ⊗ dO in the opposite order, gates shifted by one token
+    dvv, _ = _run_scan(q, do, gates, k, None, rev0=True, shift=1, scale_a=0.5 * scale, scale_b=0.0, dk=dk_, dv=dv_)
+    _, dkk = _run_scan(q, do, gates, None, v, rev0=True, shift=1, scale_a=0.0, scale_b=0.5 * scale, dk=dk_, dv=dv_)
+    qf, kf = q.float(), k.float()
+    dA_f = qf * dq[0] - kf * dkk[0]
+    dA_b = qf * dq[1] - kf * dkk[1]
+    dgf = dA_f.flip(2).cumsum(2).flip(2)  # A_t = Σ_{τ≤t} gf_τ
+    dgb = dA_b.cumsum(2)  # Z_t = Σ_{τ≥t} gb_τ
+    return (dq[0] + dq[1]).to(q.dtype), (dkk[0] + dkk[1]).to(k.dtype), (dvv[0] + dvv[1]).to(v.dtype), dgf, dgb
+
+
+@torch.library.custom_op("visionfx::bidir_gla_fwd", mutates_args=())
+def _gla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor, gb: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    return _fwd(q, k, v, gf, gb, scale)
+
+
+@_gla_fwd_op.register_fake
+def _(q, k, v, gf, gb, scale):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+@torch.library.custom_op("visionfx::bidir_gla_bwd", mutates_args=())
+def _gla_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor,
+                gb: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    return list(_bwd(do, q, k, v, gf, gb, scale))
+
+
+@_gla_bwd_op.register_fake
+def _(do, q, k, v, gf, gb, scale):
+    f32 = torch.float32
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            gf.new_empty(gf.shape, dtype=f32), gb.new_empty(gb.shape, dtype=f32)]
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, gf, gb, scale = inputs
+    ctx.save_for_backward(q, k, v, gf, gb)
+    ctx.scale = scale
+
+
+def _backward_rule(ctx, do):
+    q, k, v, gf, gb = ctx.saved_tensors
+    dq, dk, dv, dgf, dgb = _gla_bwd_op(do, q, k, v, gf, gb, ctx.scale)
+    return dq, dk, dv, dgf.to(gf.dtype), dgb.to(gb.dtype), None
+
+
+_gla_fwd_op.register_autograd(_backward_rule, setup_context=_setup)
+
+
+def bidir_gla_triton(q, k, v, gf, gb, *, scale, chunk_size=64):
+    """Bidirectional GLA; see the reference for the math. ``chunk_size`` is accepted for signature parity (the
+    kernel's chunking is internal and, like the reference's, does not change the result)."""
+    return _gla_fwd_op(q, k, v, gf, gb, float(scale))
