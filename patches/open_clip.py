@@ -18,7 +18,7 @@ hold a timm model at ``visual.trunk``: patch that with the ``timm_vit`` adapter.
 
 Decisions where the docs are silent: cross-attention (``key``/``value`` other than ``query``), a
 ``key_padding_mask``, an ``attn_mask`` and ``is_causal=True`` raise ``ValueError``; active ``patch_dropout`` in
-training raises ``RuntimeError`` when the tower's transformer runs (checked on the transformer, so
+training raises ``RuntimeError`` when the tower runs (a pre-hook on the ``patch_dropout`` module, so
 ``forward_intermediates`` is covered too). The norm site lists ``ln_1``/``ln_2`` of each block (roles ``norm1``,
 ``norm2``) and ``ln_post`` (``final``) only where ``ln_post`` normalises the token sequence (no attention pooler, no
 ``final_ln_after_pool``); ``ln_pre`` stays a LayerNorm, as timm's ``norm_pre`` does.
@@ -182,9 +182,9 @@ class OpenClipAdapter(Adapter):
                     raise TypeError(
                         f"{path}: open_clip {type(block).__name__} with scaled-cosine attention (scaled_cosine_attn="
                         "True, Attention.logit_scale) is not supported: it needs a learned per-head scale on "
-                        "L2-normalised q and k inside every token mixer (METHODS.md §1.4). Supported open_clip blocks: "
-                        "ResidualAttentionBlock (nn.MultiheadAttention) and CustomResidualAttentionBlock without "
-                        "scaled-cosine attention."
+                        "L2-normalised q and k inside every token mixer (METHODS.md §1.4). Supported open_clip "
+                        "blocks: ResidualAttentionBlock (nn.MultiheadAttention) and CustomResidualAttentionBlock "
+                        "without scaled-cosine attention."
                     )
             else:
                 raise TypeError(
@@ -199,13 +199,13 @@ class OpenClipAdapter(Adapter):
         return TokenLayout(tuple(tower.grid_size), 1)
 
     def layout_target(self, model):
-        # the transformer, not the tower: forward and forward_intermediates both run it, after patch dropout
+        # the patch-dropout module (Identity when disabled): the tower's forward and forward_intermediates both call
+        # it, and its own training flag is the one that decides whether tokens are dropped
         _, tower = self._tower(model)
-        return tower.transformer, {"patch_dropout": tower.patch_dropout}
+        return tower.patch_dropout, {}
 
     def update_layout(self, module, args, kwargs, layout, context):
-        patch_dropout = context.get("patch_dropout")
-        if patch_dropout is not None and patch_dropout.training and getattr(patch_dropout, "prob", 0.0) > 0:
+        if module.training and getattr(module, "prob", 0.0) > 0:
             raise RuntimeError(
                 "open_clip patch_dropout is active in training: dropped tokens leave no grid for the patched token "
                 "mixer. Build the tower with patch_dropout=0. to train it patched (eval mode is unaffected)."
@@ -233,9 +233,9 @@ class OpenClipAdapter(Adapter):
         )
 
     def wrap(self, host, mixer, layout):
-        if isinstance(host, nn.MultiheadAttention):
-            return OpenClipPatchedAttention(host, mixer, layout)
-        return OpenClipCustomPatchedAttention(host, mixer, layout)
+        cls = OpenClipPatchedAttention if isinstance(host, nn.MultiheadAttention) else OpenClipCustomPatchedAttention
+        # a new module starts in training mode; keep the host's (and give it back on unpatch: MHA's eval fast path)
+        return cls(host, mixer, layout).train(host.training)
 
     def norm_sites(self, model):
         prefix, tower = self._tower(model)
@@ -266,7 +266,7 @@ def _check_mha(attn: nn.MultiheadAttention, path: str) -> None:
 
 ADAPTER = AdapterSpec(
     name="open_clip",
-    family="open_clip VisionTransformer vision towers, alone or at .visual of CLIP / CustomTextCLIP (text tower untouched)",
+    family="open_clip VisionTransformer vision towers, alone or at .visual of CLIP / CustomTextCLIP (text untouched)",
     sites=("attention", "norm"),
     adapter=OpenClipAdapter(),
 )

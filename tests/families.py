@@ -9,8 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import open_clip
 import timm
 import torch
+from open_clip.transformer import Transformer as OpenClipTransformer, VisionTransformer as OpenClipViT
+
+from visionfx.models.dit import DiT
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,7 @@ FAMILIES = {
 }
 
 
-
 # --- DiT and open_clip ----------------------------------------------------------------------------------------------
-
-import open_clip  # noqa: E402
-from open_clip.transformer import Transformer as OpenClipTransformer, VisionTransformer as OpenClipViT  # noqa: E402
-
-from visionfx.models.dit import DiT  # noqa: E402
 
 
 def _randomise_zero_init(model, seed=0):
