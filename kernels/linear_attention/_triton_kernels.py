@@ -106,11 +106,6 @@ def _rotate(x, cos_ptr, sin_ptr, offs_n, offs_d, mask, HALF, INVERSE: tl.constex
 
 
 @triton.jit
-def _tile(base, offs_n, offs_d, sn, sd, mask):
-    return tl.load(base + offs_n[:, None] * sn + offs_d[None, :] * sd, mask=mask, other=0.0).to(F32)
-
-
-@triton.jit
 def _state_phase(k_base, v_base, w_base, cos_ptr, sin_ptr, skn, skd, svn, svd, swn, start, end, D, HALF,
                  FEATURE: tl.constexpr, SUBTRACTIVE: tl.constexpr, HAS_KW: tl.constexpr, HAS_ROPE: tl.constexpr,
                  K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, LOWP: tl.constexpr, LP: tl.constexpr,
@@ -126,8 +121,9 @@ def _state_phase(k_base, v_base, w_base, cos_ptr, sin_ptr, skn, skd, svn, svd, s
         mask_n = offs_n < end
         mask = mask_n[:, None] & mask_d[None, :]
         # padded rows and columns must stay 0 after φ (elu1(0) = 1)
-        kf = tl.where(mask, _phi(_tile(k_base, offs_n, offs_d, skn, skd, mask), FEATURE), 0.0)
-        v = _tile(v_base, offs_n, offs_d, svn, svd, mask)
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask, other=0.0).to(F32)
+        kf = tl.where(mask, _phi(k, FEATURE), 0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask, other=0.0).to(F32)
         if HAS_KW:
             kf = kf * tl.load(w_base + offs_n * swn, mask=mask_n, other=0.0).to(F32)[:, None]
         z1 += tl.sum(kf, 0)
@@ -164,7 +160,8 @@ def _out_phase(q_base, o_base, cos_ptr, sin_ptr, sqn, sqd, S, z1, z2, start, end
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_n < end)[:, None] & mask_d[None, :]
-        qf = tl.where(mask, _phi(_tile(q_base, offs_n, offs_d, sqn, sqd, mask), FEATURE), 0.0)
+        q = tl.load(q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=mask, other=0.0).to(F32)
+        qf = tl.where(mask, _phi(q, FEATURE), 0.0)
         acc = tl.zeros((BLOCK_N, BLOCK_D), F32)
         if SUBTRACTIVE:
             o = _mm_state(qf, m_hi, m_lo, acc, Q_EXACT, LOWP, LP) + vbar[None, :]
@@ -198,9 +195,9 @@ def _dq_phase(q_base, do_base, dq_base, cos_ptr, sin_ptr, sqn, sqd, sdon, sdod, 
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_n < end)[:, None] & mask_d[None, :]
-        q = _tile(q_base, offs_n, offs_d, sqn, sqd, mask)
+        q = tl.load(q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=mask, other=0.0).to(F32)
         qf = tl.where(mask, _phi(q, FEATURE), 0.0)
-        do = _tile(do_base, offs_n, offs_d, sdon, sdod, mask)
+        do = tl.load(do_base + offs_n[:, None] * sdon + offs_d[None, :] * sdod, mask=mask, other=0.0).to(F32)
         acc = tl.zeros((BLOCK_N, BLOCK_D), F32)
         if SUBTRACTIVE:
             dqf = _mm_state(do, mt_hi, mt_lo, acc, DO_EXACT, LOWP, LP)
@@ -253,9 +250,9 @@ def _dkv_phase(k_base, v_base, w_base, cos_ptr, sin_ptr, dk_base, dv_base, dw_ba
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         mask = mask_n[:, None] & mask_d[None, :]
-        k = _tile(k_base, offs_n, offs_d, skn, skd, mask)
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask, other=0.0).to(F32)
         kf = tl.where(mask, _phi(k, FEATURE), 0.0)
-        v = _tile(v_base, offs_n, offs_d, svn, svd, mask)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask, other=0.0).to(F32)
         acc = tl.zeros((BLOCK_N, BLOCK_D), F32)
         if SUBTRACTIVE:
             dkf = _mm_state(v, gt_hi, gt_lo, acc, V_EXACT, LOWP, LP) - g_vbar[None, :]

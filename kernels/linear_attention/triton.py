@@ -96,7 +96,7 @@ def _tuned(name: str, big: bool):
 
 def _launch(name: str, grid: tuple, args: tuple, meta: dict) -> None:
     if _INTERPRET:
-        getattr(K, name)[grid](*args, **meta, BLOCK_N=16)
+        getattr(K, name)[grid](*args, **meta, BLOCK_N=32)
     else:
         _tuned(name, meta["BLOCK_D"] > 64)[grid](*args, **meta)
 
