@@ -16,8 +16,8 @@ Choices the docs leave open:
   never imports transformers and user subclasses are accepted; LlavaNextVideo, OneVision and others are not claimed.
 - Shrinking is decided from the placeholder total: the sum of the unshrunk counts shrinks, the sum of the kept counts
   is left alone (idempotent even when two images sit next to each other), anything else is an error.
-- Padding inserted by re-padding uses ``config.pad_token_id`` (or the text config's, else 0); labels of image
-  positions become -100.
+- Padding inserted by re-padding uses ``config.pad_token_id`` (or the text config's, else 0); labels of image and
+  padding positions become -100.
 """
 
 from __future__ import annotations
@@ -290,6 +290,9 @@ class LlavaParts:
         return "mm_encoder_outputs" in inspect.signature(type(self.model).forward).parameters
 
 
+_MISSING = object()
+
+
 class _Wrapper:
     """An instance-attribute replacement of a bound method: ``fn(handle, original, *args, **kwargs)``. It carries
     the original's metadata (``functools.update_wrapper``), so ``inspect.signature`` sees the original parameters,
@@ -317,7 +320,7 @@ class LlavaHandle:
         self.parts = parts
         self.config = config
         self._hooks: list = []
-        self._wrapped: list[tuple[object, str, _Wrapper]] = []
+        self._wrapped: list[tuple[object, str, _Wrapper, Any]] = []
         self._attn_saved: dict | None = None
 
     # --- changes that remove() undoes ---------------------------------------------------------------------------
@@ -333,12 +336,14 @@ class LlavaHandle:
         self.add_hook(module.register_forward_hook(hook, with_kwargs=True))
 
     def wrap(self, owner: object, name: str, fn: Callable) -> _Wrapper:
-        """Shadow ``owner.name`` by an instance attribute calling ``fn(handle, original, signature, args, kwargs)``."""
-        if name in owner.__dict__:
-            raise RuntimeError(f"{type(owner).__name__}.{name} is already wrapped; unpatch first")
+        """Shadow ``owner.name`` by an instance attribute calling ``fn(handle, original, signature, args, kwargs)``.
+        An instance attribute already there (e.g. accelerate's device hooks) is wrapped and put back by remove()."""
+        previous = owner.__dict__.get(name, _MISSING)
+        if isinstance(previous, _Wrapper):
+            raise RuntimeError(f"{type(owner).__name__}.{name} is already wrapped by visionfx; unpatch first")
         wrapper = _Wrapper(self, getattr(owner, name), fn)
         owner.__dict__[name] = wrapper
-        self._wrapped.append((owner, name, wrapper))
+        self._wrapped.append((owner, name, wrapper, previous))
         return wrapper
 
     def set_attn_implementation(self, implementation: str | dict) -> None:
@@ -359,9 +364,12 @@ class LlavaHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for owner, name, wrapper in reversed(self._wrapped):
+        for owner, name, wrapper, previous in reversed(self._wrapped):
             if owner.__dict__.get(name) is wrapper:
-                del owner.__dict__[name]
+                if previous is _MISSING:
+                    del owner.__dict__[name]
+                else:
+                    owner.__dict__[name] = previous
         self._wrapped.clear()
         if self._attn_saved is not None:
             self.parts.model.set_attn_implementation(self._attn_saved)

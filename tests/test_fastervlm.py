@@ -16,7 +16,7 @@ import visionfx
 from tiny_llava import (IMAGE_TOKEN, NUM_PATCHES, PINPOINTS, build_llava, build_llava_next, greedy, left_pad,
                         llava_batch, llava_next_batch, llava_next_tokens, prompt, select)
 from visionfx.methods.fastervlm import FasterVLMConfig, VTCCLSConfig, cls_row_scores
-from visionfx.patches.llava import get_handle, shrink_placeholders
+from visionfx.patches.llava import LlavaParts, get_handle, shrink_placeholders
 
 FEATURE_LAYER = 2  # vision_feature_layer=-2 on a 4-layer tower
 TEXTS = [([5, 6], [7, 8]), ([5, 6, 9, 10, 11], [7])]
@@ -69,6 +69,11 @@ def eager_cls_rows(model, pixel_values):
     with torch.no_grad():
         att = model.model.vision_tower(pixel_values, output_attentions=True).attentions
     return torch.stack([a[:, :, 0, 1:].mean(1) for a in att])
+
+
+def features(out):
+    """Per-image features of ``get_image_features`` (``pooler_output`` in 5.x, the list itself in 4.x)."""
+    return list(getattr(out, "pooler_output", out))
 
 
 def oracle_topk(rows, keep):
@@ -124,11 +129,37 @@ def test_unpatch_restores_everything(llava, batch, reference, patched):
     visionfx.unpatch(llava)
     assert not any(n in llava.__dict__ for n in ("forward", "generate"))
     assert "get_image_features" not in llava.model.__dict__
-    assert all(not layer._forward_pre_hooks for layer in llava.model.vision_tower.encoder.layers)
+    assert all(not layer._forward_pre_hooks for layer in LlavaParts.of(llava).vision_layers)
     assert (llava.config._attn_implementation, llava.config.text_config._attn_implementation) == attn
     assert list(llava.state_dict()) == keys
     with torch.no_grad():
         assert torch.equal(llava(**batch).logits, reference["logits"])
+
+
+def test_existing_instance_wrappers_and_save_load(llava, batch, reference, patched, tmp_path):
+    calls = []
+
+    def outer(*args, **kwargs):  # stands in for accelerate's device hook, an instance attribute on forward
+        calls.append(1)
+        return type(llava).forward(llava, *args, **kwargs)
+
+    llava.forward = outer
+    try:
+        patched(keep=8)
+        with torch.no_grad():
+            logits = llava(**batch).logits
+        assert calls and logits.shape[1] == batch["input_ids"].shape[1] - 8
+        visionfx.unpatch(llava)
+        assert llava.__dict__["forward"] is outer
+    finally:
+        del llava.forward
+    patched("vtc_cls", keep=8, score_layers=[1, 2])
+    visionfx.save_pretrained(llava, tmp_path)
+    twin = build_llava()
+    visionfx.load_pretrained(twin, tmp_path)
+    assert visionfx.get_config(twin) == visionfx.get_config(llava)
+    with torch.no_grad():
+        assert torch.equal(twin(**batch).logits, llava(**batch).logits)
 
 
 def test_cached_equals_uncached(llava, batch, patched):
@@ -187,11 +218,13 @@ def test_cls_row_scores_model_dtype():
 def test_pruned_prompt_matches_hand_built_oracle(llava, llava_eager, batch, patched):
     handle = patched(keep=6)
     with torch.no_grad():
-        logits = llava(**batch).logits
+        out = llava(**batch, labels=batch["input_ids"])
+    logits = out.logits
     kept = handle.kept_indices
     assert kept.shape == (2, 6) and bool((kept.diff(dim=-1) > 0).all())
     prepared = handle.prepare_inputs(batch)
-    feats = torch.cat(list(prepared["mm_encoder_outputs"]["image"].pooler_output))
+    with torch.no_grad():
+        feats = torch.cat(features(llava.model.get_image_features(pixel_values=batch["pixel_values"])))
     assert int((prepared["input_ids"] == IMAGE_TOKEN).sum()) == feats.shape[0] == 2 * 6
     ids, mask = prepared["input_ids"], prepared["attention_mask"]
     visionfx.unpatch(llava)
@@ -205,6 +238,9 @@ def test_pruned_prompt_matches_hand_built_oracle(llava, llava_eager, batch, patc
             embeds[b, (ids[b] == IMAGE_TOKEN).nonzero().flatten()] = full[b, chosen[b]]
         expected = llava(inputs_embeds=embeds, attention_mask=mask).logits
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    labels = torch.where((ids == IMAGE_TOKEN) | (mask == 0), -100, ids)  # image and padding positions ignored
+    loss = torch.nn.functional.cross_entropy(expected[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, loss, atol=1e-5, rtol=0)
 
 
 def test_forgetting_to_shrink_raises(llava, batch, patched):
@@ -300,7 +336,7 @@ def nxt_patched(nxt):
 def test_llava_next_keep_all_and_counts(nxt, nxt_batch, nxt_patched):
     with torch.no_grad():
         ref_logits = nxt(**nxt_batch).logits
-        ref_feats = nxt.model.get_image_features(nxt_batch["pixel_values"], nxt_batch["image_sizes"]).pooler_output
+        ref_feats = features(nxt.model.get_image_features(nxt_batch["pixel_values"], nxt_batch["image_sizes"]))
     handle = nxt_patched(keep=1.0)
     with torch.no_grad():
         assert torch.equal(nxt(**nxt_batch).logits, ref_logits)
@@ -321,10 +357,10 @@ def test_llava_next_pruning_oracle(nxt, nxt_batch, nxt_patched):
     chosen = oracle_topk(eager_cls_rows(eager, flat)[FEATURE_LAYER], keep)
     kept_src = set((chosen + torch.arange(len(chosen))[:, None] * NUM_PATCHES).flatten().tolist())
     with torch.no_grad():
-        full = nxt.model.get_image_features(pv, sizes).pooler_output
+        full = features(nxt.model.get_image_features(pv, sizes))
     handle = nxt_patched(keep=keep)
     with torch.no_grad():
-        pruned = nxt.model.get_image_features(pv, sizes).pooler_output
+        pruned = features(nxt.model.get_image_features(pv, sizes))
     base = 0
     for b, (hw, src) in enumerate(zip(SIZES, sources)):
         sel = torch.tensor([s < 0 or s in kept_src for s in src])
@@ -353,7 +389,8 @@ def test_llava_next_encoder_output_and_embeds_paths(nxt, nxt_batch, nxt_patched)
     pixel = greedy(nxt, nxt_batch)
     L = nxt_batch["input_ids"].shape[1]
     prepared = handle.prepare_inputs(nxt_batch)
-    assert "pixel_values" not in prepared and "mm_encoder_outputs" in prepared
+    if handle.parts.supports_mm_encoder_outputs():  # transformers >= 5.18
+        assert "pixel_values" not in prepared and "mm_encoder_outputs" in prepared
     via_mm = greedy(nxt, prepared)
     assert torch.equal(via_mm.sequences[:, prepared["input_ids"].shape[1]:], pixel.sequences[:, L:])
     embeds = handle.prepare_inputs(nxt_batch, as_embeds=True)
@@ -374,7 +411,7 @@ def test_bad_inputs(llava, batch, patched):
     with pytest.raises(ValueError, match="exceeds"):
         visionfx.patch(llava, "fastervlm", keep=NUM_PATCHES + 1)
     assert not visionfx.is_patched(llava) and "forward" not in llava.__dict__
-    assert all(not layer._forward_pre_hooks for layer in llava.model.vision_tower.encoder.layers)
+    assert all(not layer._forward_pre_hooks for layer in LlavaParts.of(llava).vision_layers)
     with pytest.raises(ValueError, match="out of range"):
         visionfx.patch(llava, "fastervlm", score_layers=[4])
     llava.config.vision_feature_select_strategy = "full"

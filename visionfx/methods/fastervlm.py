@@ -25,6 +25,10 @@ Decisions the docs leave open:
 - ``vtc_cls`` without ``score_layers`` scores with CLIP layers ``first_score_layer .. Lv-2`` (official default 16),
   the start clipped to ``Lv-2`` for shallow towers.
 - A call whose ``vision_feature_layer`` differs from the one patched for raises; re-patch instead.
+
+Deviation: HF LLaVA-NeXT always packs with ``spatial_unpad`` and newline tokens, while the official LLaVA-NeXT numbers
+used the ``'spatial'`` merge (exactly 5·T tokens), so counts and scores on HF LLaVA-NeXT are not directly comparable
+with the paper's NeXT table. ``generate`` keeps HF's return type (the official one returns a tuple).
 """
 
 from __future__ import annotations
