@@ -49,8 +49,8 @@ FAMILIES = {
     "vit": Family(_timm("vit_tiny_patch16_224"), image(2, 3, 56, 56), "timm_vit"),
     # distilled DeiT: two prefix tokens (CLS + distillation)
     "deit_distilled": Family(_timm("deit_tiny_distilled_patch16_224"), image(2, 3, 56, 56), "timm_vit"),
-    # DeiT-III: LayerScale in the blocks
-    "deit3": Family(_timm("deit3_small_patch16_224", embed_dim=64), image(2, 3, 56, 56), "timm_vit"),
+    # DeiT-III: LayerScale in the blocks (init 0.1 so the attention branch visibly reaches the output)
+    "deit3": Family(_timm("deit3_small_patch16_224", embed_dim=64, init_values=0.1), image(2, 3, 56, 56), "timm_vit"),
     # register tokens (CLS + 2 registers)
     "vit_reg": Family(_timm("vit_tiny_patch16_224", reg_tokens=2), image(2, 3, 56, 56), "timm_vit"),
     # no CLS, global average pooling, non-square 8x6 grid

@@ -9,7 +9,7 @@ Per batch element and head, with ``φ`` the feature map, ``w_j`` optional key we
   (numerator rotated, denominator not; without key weights ``w_j = 1``).
 * subtractive (inline), centred form::
 
-      k̄ = mean_j φ(k_j),  v̄ = mean_j v_j,  Σ_kv = (1/N) Σ_j (φ(k_j) − k̄)ᵀ v_j
+      k̄ = mean_j φ(k_j),  v̄ = mean_j v_j,  Σ_kv = (1/N) Σ_j (φ(k_j) − k̄)ᵀ (v_j − v̄)
       o_i = v̄ + scale · φ(q_i) Σ_kv
 
   which equals ``Σ_j w_ij v_j`` with ``w_ij = (scale/N)(φ(q_i)·φ(k_j) − φ(q_i)·k̄) + 1/N`` (rows sum to 1).
@@ -33,7 +33,8 @@ def feature_map(x: torch.Tensor, feature: str) -> torch.Tensor:
     if feature == "relu":
         return F.relu(x)
     if feature == "elu1":
-        return F.elu(x) + 1.0
+        # exp(x) directly for x <= 0: F.elu(x) + 1 loses relative precision there
+        return torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0)))
     raise ValueError(f"unknown feature map {feature!r}; choose from {FEATURES}")
 
 
@@ -83,7 +84,7 @@ def linear_attention_reference(
         n = k.shape[-2]
         k_mean = kf.mean(dim=-2, keepdim=True)
         v_mean = vf.mean(dim=-2, keepdim=True)
-        kv = (kf - k_mean).transpose(-1, -2) @ vf / n  # [B, H, D, D]
+        kv = (kf - k_mean).transpose(-1, -2) @ (vf - v_mean) / n  # [B, H, D, D]; centring v too is exact and tighter
         return (v_mean + scale * (qf @ kv)).to(dtype)
     kw = kf if key_weights is None else kf * key_weights.to(acc).unsqueeze(-1)
     den = qf @ kw.sum(dim=-2).unsqueeze(-1) + eps  # [B, H, N, 1]
