@@ -158,9 +158,11 @@ def test_warmup_is_pure_layernorm_and_leaves_bn_statistics():
     norm = LinearNorm(PRepBNConfig(total_steps=4, warmup=3), ln, "norm1").train()
     bn = norm.vfx_bn.bn
     for t in range(3):
-        x = tokens(seed=t)
+        x = tokens(seed=t).requires_grad_()
         assert norm.lam == 1.0
-        assert torch.equal(norm(x), reference(x))
+        y = norm(x)
+        assert torch.equal(y, reference(x))
+        y.pow(2).sum().backward()  # the statistics kept aside must not break autograd
         assert torch.equal(bn.running_mean, torch.zeros(16)) and int(bn.num_batches_tracked) == 0
         assert int(norm.vfx_iter) == 4 and int(norm.vfx_warm) == 2 - t
     x = tokens(seed=9)
@@ -199,6 +201,22 @@ def test_eval_is_repbn_affine_and_warns_while_unfinished():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         norm(x)  # schedule finished: silent
+
+
+def test_compiled_schedule_matches_eager():
+    eager = LinearNorm(PRepBNConfig(total_steps=3, warmup=1), host_ln(), "norm1").train()
+    other = copy.deepcopy(eager)
+    compiled = torch.compile(other)
+    for t in range(5):
+        x = tokens(seed=t).requires_grad_()
+        y, yc = eager(x), compiled(x)
+        torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+        yc.pow(2).sum().backward()
+    for name, buf in eager.named_buffers():
+        torch.testing.assert_close(dict(other.named_buffers())[name], buf, rtol=1e-6, atol=1e-6)
+    other.eval()
+    eager.eval()
+    torch.testing.assert_close(compiled(tokens()), eager(tokens()), rtol=1e-5, atol=1e-5)
 
 
 def test_folded_linear_equals_linear_of_repbn():
@@ -307,7 +325,10 @@ def test_reparameterize_then_unpatch_is_exact(family):
     assert all(n.folded == "identity" for n in norm_modules(model))  # every site of these families folds
     if family == "deit_distilled":
         assert isinstance(model.head_dist, FoldedLinear)
+    model.double()  # the originals kept aside follow the move
     visionfx.unpatch(model)
+    assert all(p.dtype == F64 for p in model.parameters())
+    model.float()
     with torch.no_grad():
         assert torch.equal(model(*x), y0)
     assert list(model.state_dict()) == keys0
@@ -424,23 +445,38 @@ def test_save_load_deepcopy_pickle(tmp_path):
             assert torch.equal(m.blocks[0].attn.qkv.weight, base["blocks.0.attn.qkv.weight"])
 
 
-def test_open_clip_norms_stay_explicit_and_exact():
+@pytest.mark.parametrize("family,method", [("open_clip", "prepbn"), ("open_clip_seq_first", "prepbn"),
+                                           ("open_clip", "slab")])
+def test_open_clip_folds_in_proj_and_c_fc(family, method):
     torch.manual_seed(0)
-    fam = FAMILIES["open_clip"]
+    fam = FAMILIES[family]
     model, x = fam.build(), fam.inputs(0)
     with torch.no_grad():
         y0 = model(*x)
-    visionfx.patch(model, "prepbn", total_steps=4)
+    keys0 = list(model.state_dict())
+    if method == "slab":
+        visionfx.patch(model, "slab", norm="prepbn", prepbn_steps=4, adapter="open_clip", backend="reference")
+    else:
+        visionfx.patch(model, "prepbn", total_steps=4)
     perturb_model(model)
+    blk = model.transformer.resblocks[0]
+    in_proj = blk.attn.in_proj_weight
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         y = model(*x)
         visionfx.reparameterize(model)
         torch.testing.assert_close(model(*x), y, rtol=1e-4, atol=1e-5 * y.abs().max().item())
-    assert norm_modules(model) and all(n.folded == "affine" for n in norm_modules(model))
+    roles = {n.role: n.folded for n in norm_modules(model)}
+    assert roles == {"norm1": "identity", "norm2": "identity", "final": "affine"}  # proj has no bias to fold into
+    assert isinstance(blk.mlp.c_fc, FoldedLinear) and blk.attn.in_proj_weight is not in_proj
+    model.double()  # the originals kept aside follow the move
     visionfx.unpatch(model)
+    assert blk.attn.in_proj_weight is in_proj and all(p.dtype == F64 for p in model.parameters())
+    model.float()
     with torch.no_grad():
         assert torch.equal(model(*x), y0)
+    assert list(model.state_dict()) == keys0
+    assert type(blk.mlp.c_fc) is nn.Linear
 
 
 def test_prepbn_refuses_dit():

@@ -21,14 +21,13 @@ Decisions this module makes where the spec leaves room:
   are read once per switch to eval mode (and after loading a state dict), not per forward.
 - **Gradient checkpointing** re-runs forwards in training mode and so advances the counters (as officially).
 - **Folding.** Per norm, either every consumer Linear is fused (the norm becomes the identity) or none is (the norm
-  becomes the explicit affine map ``a ⊙ x + b``). Consumers are recognised in timm's ``Block`` (``attn.qkv``,
-  ``attn.gate``; ``mlp.fc1``, or ``fc1_g``/``fc1_x`` of SwiGLU) and ``VisionTransformer`` (``head``, ``head_dist``
-  through token/average pooling). Anything else, and any patched attention whose mixer has ``reads_input=True`` or
-  its own ``pre_qkv``/``post_norm`` (RALA's ``W_o``, InLine's predictor, ViG's DWC), keeps the explicit affine map:
-  always exact, at the cost of one element-wise op. Fused Linears (:class:`FoldedLinear`) carry the fused weights
-  under the host's names, so the state dict of a folded model holds fused weights; the originals are kept aside and
-  ``visionfx.unpatch`` puts them back. After folding, ``forward_features`` of a timm ViT returns the features before
-  the (folded) final norm.
+  becomes the explicit affine map ``a ⊙ x + b``, always exact, at the cost of one element-wise op). Which Linears
+  read a norm is known for timm's ``Block``/``VisionTransformer`` and open_clip's residual blocks
+  (:mod:`visionfx.methods._prepbn_targets`); anything else, and any patched attention whose mixer reads more than q,
+  k, v (RALA's ``W_o``, InLine's predictor, ViG's DWC), keeps the explicit map. Fused Linears
+  (:class:`FoldedLinear`, or fused ``in_proj`` parameters) sit under the host's names, so the state dict of a folded
+  model holds fused weights; the originals are kept aside and ``visionfx.unpatch`` puts them back. After folding,
+  ``forward_features`` of a timm ViT returns the features before the (folded) final norm.
 - **Recalibration** resets the running statistics of every RepBN and averages them cumulatively (BN momentum
   ``None``) with the rest of the model in eval mode: dropout and drop path are off and the λ schedule does not move.
   Batches are normalised with their own statistics meanwhile, as in the usual BN recalibration.
@@ -142,6 +141,18 @@ class RepBN(nn.Module):
         return gamma * inv + self.alpha.double(), beta - gamma * bn.running_mean.double() * inv
 
 
+def _fuse(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor):
+    """``(W·diag(a), W b + c)`` as Parameters like ``weight`` (computed in float64)."""
+    w = weight.detach()
+    w64 = w.double()
+    fused_b = w64 @ b.to(w.device)
+    if bias is not None:
+        fused_b = fused_b + bias.detach().double()
+    grad = weight.requires_grad
+    return (nn.Parameter((w64 * a.to(w.device)).to(w.dtype), requires_grad=grad),
+            nn.Parameter(fused_b.to(w.dtype), requires_grad=grad))
+
+
 class FoldedLinear(nn.Linear):
     """A Linear with a preceding per-channel affine map folded in: ``W' = W·diag(a)``, ``c' = W b + c``.
 
@@ -151,14 +162,7 @@ class FoldedLinear(nn.Linear):
 
     def __init__(self, original: nn.Linear, a: torch.Tensor, b: torch.Tensor):
         super().__init__(original.in_features, original.out_features, bias=True, device="meta")
-        w = original.weight.detach()
-        w64 = w.double()
-        bias = w64 @ b.to(w.device)
-        if original.bias is not None:
-            bias = bias + original.bias.detach().double()
-        grad = original.weight.requires_grad
-        self.weight = nn.Parameter((w64 * a.to(w.device)).to(w.dtype), requires_grad=grad)
-        self.bias = nn.Parameter(bias.to(w.dtype), requires_grad=grad)
+        self.weight, self.bias = _fuse(original.weight, original.bias, a, b)
         self.__dict__["_vfx_original"] = original
         self.train(original.training)
 
@@ -169,6 +173,15 @@ class FoldedLinear(nn.Linear):
     def _apply(self, fn, recurse=True):
         self.original._apply(fn, recurse)
         return super()._apply(fn, recurse)
+
+
+class _ParameterStash(nn.Module):
+    """Holds the original ``weight``/``bias`` of a parameter-level fold, outside the model, so they follow moves."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+        super().__init__()
+        self.register_parameter("weight", weight)
+        self.register_parameter("bias", bias)
 
 
 class LinearNorm(nn.Module):
@@ -247,18 +260,23 @@ class LinearNorm(nn.Module):
             return y
         warm = self.vfx_warm > 0
         lam = torch.where(warm, torch.ones_like(lam), lam)
-        bn = self.vfx_bn.bn
-        stats = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
-        saved = [s.clone() for s in stats]
-        rep = self.vfx_bn(x)
+        # BN updates copies of its statistics (autograd keeps them), which replace the buffers after the warm-up only
+        bn, rep_bn = self.vfx_bn.bn, self.vfx_bn
+        mean, var = bn.running_mean.clone(), bn.running_var.clone()
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1)
+        C = x.shape[-1]
+        bn_x = F.batch_norm(x.reshape(-1, C), mean, var, bn.weight, bn.bias, True, momentum, bn.eps)
+        rep = bn_x.reshape(x.shape) + rep_bn.alpha * x
         y = lam * self.layer_norm(x) + (1 - lam) * rep
         with torch.no_grad():
-            for s, old in zip(stats, saved):  # the warm-up leaves the BN statistics as they were
-                s.copy_(torch.where(warm, old, s))
+            bn.running_mean.copy_(torch.where(warm, bn.running_mean, mean))
+            bn.running_var.copy_(torch.where(warm, bn.running_var, var))
+            bn.num_batches_tracked.add_((~warm).long())
             self.vfx_iter.sub_((~warm & (self.vfx_iter > 0)).long())
             self.vfx_warm.sub_(warm.long())
         return y
 
+    @torch.compiler.disable  # reads the counters once per switch to eval: run it outside any compiled graph
     def check_schedule(self) -> None:
         """Warn (once per switch to eval) if the schedule is unfinished."""
         self._vfx_eval_checked = True
@@ -275,13 +293,20 @@ class LinearNorm(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     # --- folding -----------------------------------------------------------------------------------------------------
-    def fold_into(self, consumers: list[tuple[nn.Module, str]]) -> None:
-        """Fuse the eval RepBN into the Linears ``getattr(owner, name)`` and become the identity."""
+    def fold_into(self, targets: list[tuple[nn.Module, str | tuple[str, str]]]) -> None:
+        """Fuse the eval RepBN into its consumers and become the identity. A target is ``(owner, name)`` with a
+        Linear child ``name``, or ``(owner, (weight, bias))`` naming parameters ``owner`` applies as a Linear."""
         a, b = self.vfx_bn.affine()
-        for owner, name in consumers:
-            original = owner._modules[name]
-            setattr(owner, name, FoldedLinear(original, a, b))
-            self.__dict__["_vfx_folds"].append((owner, name, original))
+        folds = self.__dict__["_vfx_folds"]
+        for owner, name in targets:
+            if isinstance(name, str):
+                original = owner._modules[name]
+                setattr(owner, name, FoldedLinear(original, a, b))
+                folds.append((owner, name, original))
+            else:
+                stash = _ParameterStash(owner._parameters[name[0]], owner._parameters.get(name[1]))
+                owner._parameters[name[0]], owner._parameters[name[1]] = _fuse(stash.weight, stash.bias, a, b)
+                folds.append((owner, name, stash))
         self.folded = "identity"
 
     def fold_explicit(self) -> None:
@@ -295,10 +320,19 @@ class LinearNorm(nn.Module):
         """Undo :meth:`fold_into` / :meth:`fold_explicit`: the original Linears come back."""
         folds = self.__dict__["_vfx_folds"]
         for owner, name, original in reversed(folds):
-            setattr(owner, name, original)
+            if isinstance(name, str):
+                setattr(owner, name, original)
+            else:
+                owner._parameters[name[0]], owner._parameters[name[1]] = original.weight, original.bias
         folds.clear()
         self.vfx_scale = self.vfx_shift = None
         self.folded = None
+
+    def _apply(self, fn, recurse=True):
+        for _, name, original in self.__dict__["_vfx_folds"]:
+            if not isinstance(name, str):
+                original._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     def restore_host(self) -> nn.Module:
         """The original LayerNorm with the current ``weight``/``bias`` (any folding undone first)."""
@@ -315,69 +349,6 @@ class LinearNorm(nn.Module):
                 f"iter={int(self.vfx_iter)}/{int(self.vfx_total)}, warm={int(self.vfx_warm)}")
 
 
-def _linears(owner: nn.Module, names) -> list[tuple[nn.Module, str]] | None:
-    found = [(owner, n) for n in names if owner._modules.get(n) is not None]
-    return found if found and all(type(owner._modules[n]) is nn.Linear for _, n in found) else None
-
-
-def _norm1_consumers(block: nn.Module) -> list[tuple[nn.Module, str]] | None:
-    from visionfx.methods.base import TokenMixer
-    from visionfx.patches.base import MIXER_NAME
-    from visionfx.patches.timm_vit import TimmPatchedAttention, _attention_classes
-
-    attn = block.attn
-    if isinstance(attn, TimmPatchedAttention):
-        mixer = getattr(attn, MIXER_NAME)
-        cls = type(mixer)
-        if mixer.reads_input or cls.pre_qkv is not TokenMixer.pre_qkv or cls.post_norm is not TokenMixer.post_norm:
-            return None
-    elif type(attn) not in _attention_classes():
-        return None
-    if type(attn._modules.get("qkv")) is not nn.Linear:
-        return None
-    return _linears(attn, ("qkv", "gate"))
-
-
-def _norm2_consumers(block: nn.Module) -> list[tuple[nn.Module, str]] | None:
-    from timm.layers import GluMlp, Mlp, SwiGLU
-
-    names = {Mlp: ("fc1",), GluMlp: ("fc1",), SwiGLU: ("fc1_g", "fc1_x")}.get(type(block.mlp))
-    if names is None or any(type(block.mlp._modules.get(n)) is not nn.Linear for n in names):
-        return None
-    return _linears(block.mlp, names)
-
-
-def _head_consumers(model: nn.Module, role: str) -> list[tuple[nn.Module, str]] | None:
-    from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import VisionTransformer
-
-    cls = type(model)
-    if not isinstance(model, VisionTransformer) or cls.pool is not VisionTransformer.pool:
-        return None
-    if cls.forward_head not in (VisionTransformer.forward_head, VisionTransformerDistilled.forward_head):
-        return None
-    if role == "final":
-        # pooling must commute with a per-channel affine map, and nothing may sit between pooling and the head
-        if getattr(model, "attn_pool", None) is not None or not isinstance(model.fc_norm, nn.Identity):
-            return None
-        if cls.forward_head is VisionTransformer.forward_head and model.global_pool not in ("token", "avg", ""):
-            return None
-    return _linears(model, ("head", "head_dist"))
-
-
-def _consumers(parent: nn.Module, name: str, role: str) -> list[tuple[nn.Module, str]] | None:
-    """The Linears that read this norm's output and nothing else, or ``None`` (keep an explicit affine map)."""
-    from timm.models.vision_transformer import Block
-
-    if role in ("norm1", "norm2"):
-        if type(parent) is not Block or name != role:
-            return None
-        return _norm1_consumers(parent) if role == "norm1" else _norm2_consumers(parent)
-    if name != ("norm" if role == "final" else "fc_norm"):
-        return None
-    return _head_consumers(parent, role)
-
-
 def _linear_norms(model: nn.Module) -> list[tuple[nn.Module, str, LinearNorm]]:
     return [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
             if isinstance(child, LinearNorm)]
@@ -386,9 +357,10 @@ def _linear_norms(model: nn.Module) -> list[tuple[nn.Module, str, LinearNorm]]:
 def reparameterize(model: nn.Module) -> nn.Module:
     """Fold every eval RepBN of a PRepBN-patched model into the Linears that follow it (METHODS.md §6.2–§6.3).
 
-    norm1 folds into ``attn.qkv`` (and timm's ``attn.gate``), norm2 into ``mlp.fc1`` (both halves of a gated MLP),
-    the final norm into ``head`` (and ``head_dist``) through token or average pooling. Where a consumer reads the
-    normalised input otherwise, the norm stays an explicit per-channel affine map. Eval outputs are unchanged (up to
+    norm1 folds into ``attn.qkv`` (and timm's ``attn.gate``; open_clip's ``in_proj``), norm2 into ``mlp.fc1`` (both
+    halves of a gated MLP; open_clip's ``mlp.c_fc``), the final norm into ``head`` (and ``head_dist``) through token
+    or average pooling. Where the normalised input is read otherwise, the norm stays an explicit per-channel affine
+    map. Eval outputs are unchanged (up to
     rounding); ``visionfx.unpatch`` restores the host exactly. Idempotent. The model must be in eval mode.
 
     Returns:
@@ -399,14 +371,16 @@ def reparameterize(model: nn.Module) -> nn.Module:
         raise ValueError("reparameterize found no PRepBN norms: patch the model with 'prepbn' or slab norm='prepbn'")
     if any(n.training for _, _, n in norms):
         raise RuntimeError("reparameterize folds the eval form (running statistics): call model.eval() first")
+    from visionfx.methods._prepbn_targets import fold_targets
+
     for parent, name, norm in norms:
         if norm.folded is not None:
             continue
-        consumers = _consumers(parent, name, norm.role)
-        if consumers is None:
+        targets = fold_targets(parent, name, norm.role)
+        if targets is None:
             norm.fold_explicit()
         else:
-            norm.fold_into(consumers)
+            norm.fold_into(targets)
     return model
 
 
