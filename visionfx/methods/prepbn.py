@@ -62,10 +62,11 @@ EVAL_WARNING = (
 def missing_steps_message(option: str, example: str) -> str:
     """The error raised when the λ schedule length ``option`` is not given."""
     return (
-        f"{option} is required: it is T, the number of training-mode forward calls over which PRepBN moves from "
-        f"LayerNorm to RepBN, and its default depends on your run. Use about 0.8 x the number of training iterations "
-        f"you plan (forward calls; k x more with k-step gradient accumulation), e.g. {example}; with T too close to "
-        f"or beyond the end of training the BN statistics never settle (METHODS.md §6.4)."
+        f"{option} is required. It is T, the number of training-mode forward calls over which PRepBN moves from "
+        f"LayerNorm to RepBN, and it has no default because it depends on your run: use about 0.8 x the number of "
+        f"training iterations you plan (forward calls; k x more with k-step gradient accumulation), e.g. {example}. "
+        f"T must stay below the training length, and a much shorter T behaves like BatchNorm from the start, which "
+        f"has given NaN losses (METHODS.md §6.4)."
     )
 
 

@@ -78,7 +78,7 @@ class SlabConfig(AttentionConfig):
         else:
             if self.prepbn_steps is None:
                 raise ValueError(missing_steps_message(
-                    "slab with norm='prepbn' needs prepbn_steps; it",
+                    "prepbn_steps (slab with norm='prepbn')",
                     "visionfx.patch(model, 'slab', norm='prepbn', prepbn_steps=int(0.8 * iterations))"))
             self.companions()  # validates the PRepBN options
 
