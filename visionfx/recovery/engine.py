@@ -1,0 +1,223 @@
+"""Training plumbing shared by ``distill`` and the reference recipe: accelerator, schedules, evaluation, timing,
+the JSON log and checkpoints.
+
+Checkpoints are folders ``<output>/checkpoints/<stage>-step<NNNNNNN>/`` holding ``accelerate/`` (what
+``Accelerator.save_state`` writes: model, optimiser, scheduler, gradient scaler, RNG states), ``progress.json`` (stage,
+step and the log so far) and, for patched models, ``visionfx/`` (``visionfx.save_pretrained``). A checkpoint is
+written to a temporary name and renamed when complete, so an interrupted save never looks like a checkpoint.
+
+Timing: a stage's time is wall-clock time with the device synchronised at both ends, evaluation excluded;
+``gpu_seconds`` is that time multiplied by the number of processes (devices).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["make_accelerator", "WarmupCosine", "param_groups", "evaluate", "StageClock", "RunLog",
+           "save_checkpoint", "latest_checkpoint", "sync_gradients", "synchronize", "kd_loss"]
+
+
+def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, cpu: bool = False):
+    """An ``accelerate.Accelerator`` with ``mixed_precision`` (``auto``: bf16 on CUDA, else off) and
+    ``grad_accum`` micro-batches per optimiser step; the scheduler steps once per call (we call it per optimiser
+    step). In a single process, settings that differ from an earlier accelerator's replace them."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and not cpu else "no"
+    kwargs = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu,
+                  step_scheduler_with_optimizer=False)
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as e:
+        # accelerate keeps one process-wide state; one process running several recipes (tests, the fidelity
+        # script) may change its settings between them, which several processes must never do
+        if "already been initialized" not in str(e) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(**kwargs)
+
+
+class WarmupCosine:
+    """LR factor at optimiser step ``s``: linear warm-up over ``warmup`` steps, then cosine from 1 to ``floor``
+    at ``total``. A plain object, so ``LambdaLR.state_dict`` saves ``total`` and ``warmup``."""
+
+    def __init__(self, total: int, warmup: int, floor: float = 0.0):
+        self.total, self.warmup, self.floor = max(1, int(total)), int(warmup), float(floor)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+                 added_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups: weight decay on matrices and kernels only (not biases, norms, scalars, embeddings' tokens);
+    the parameters a patch added (a ``vfx_`` name component) get ``lr · added_lr_mult``."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2 and not name.endswith(("cls_token", "reg_token", "dist_token", "pos_embed"))
+        added = any(part.startswith("vfx_") for part in name.split("."))
+        groups.setdefault((decay, added), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (added_lr_mult if added else 1)}
+            for (decay, added), ps in groups.items()]
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StageClock:
+    """Accumulates synchronised wall-clock time of the training work of one stage (pause it for evaluation)."""
+
+    def __init__(self, device, seconds: float = 0.0):
+        self.device, self.seconds, self._t0 = device, float(seconds), None
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self._t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds so far, the running interval included (synchronises the device)."""
+        if self._t0 is None:
+            return self.seconds
+        synchronize(self.device)
+        return self.seconds + time.perf_counter() - self._t0
+
+    def stop(self) -> None:
+        if self._t0 is not None:
+            synchronize(self.device)
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, source, normalize, accelerator, batch_size: int = 256) -> float | None:
+    """Top-1 accuracy of ``model`` on ``source`` (all processes' shares together), or None without labels.
+
+    ``normalize`` maps ``uint8 [B, 3, H, W]`` to the model's input. The model's train/eval mode is restored.
+    """
+    if source is None:
+        return None
+    mode = model.training
+    model.eval()
+    counts = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    try:
+        for x, y in source.eval_batches(batch_size, rank=accelerator.process_index, world=accelerator.num_processes,
+                                        device=accelerator.device):
+            if y is None:
+                return None
+            with accelerator.autocast():
+                logits = model(normalize(x))
+            counts[0] += (logits.argmax(-1) == y).sum()
+            counts[1] += y.numel()
+    finally:
+        model.train(mode)
+    counts = accelerator.reduce(counts, reduction="sum")
+    return float(counts[0] / counts[1]) if counts[1] > 0 else None
+
+
+def sync_gradients(params: list[nn.Parameter], accelerator) -> None:
+    """Average gradients over processes where no DDP wrapper did (attention transfer calls the layers directly)."""
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) || softmax(student/T))``, averaged over the batch (logits ``[B, K]``)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+class RunLog:
+    """The JSON log of a run: ``{"meta": ..., "stages": {name: {...summary, "history": [records]}}, "evals": [...]}``,
+    rewritten at each :meth:`write` by the main process."""
+
+    def __init__(self, path: str | os.PathLike | None, meta: dict | None = None, data: dict | None = None):
+        self.path = None if path is None else Path(path)
+        self.data = data or {"meta": meta or {}, "stages": {}, "evals": []}
+
+    def stage(self, name: str) -> dict:
+        return self.data["stages"].setdefault(name, {"history": []})
+
+    def record(self, stage: str, **values) -> None:
+        self.stage(stage)["history"].append(values)
+
+    def eval(self, stage: str, step: int, top1: float | None) -> None:
+        self.data["evals"].append({"stage": stage, "step": step, "top1": top1})
+
+    def write(self, accelerator=None) -> None:
+        if self.path is None or (accelerator is not None and not accelerator.is_main_process):
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, stage: str, step: int, progress: dict,
+                    model: nn.Module | None = None, keep: int = 2) -> Path:
+    """Write checkpoint ``<output_dir>/checkpoints/<stage>-step<step>`` (see the module docstring) and keep the
+    newest ``keep`` checkpoints."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"{stage}-step{step:07d}"
+    tmp = root / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerate"))
+    if accelerator.is_main_process:
+        if model is not None:
+            from visionfx import is_patched, save_pretrained
+
+            if is_patched(model):
+                save_pretrained(model, tmp / "visionfx")
+        (tmp / "progress.json").write_text(json.dumps({"stage": stage, "step": step, **progress}, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old, _ in _checkpoints(root)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint under ``<output_dir>/checkpoints`` and its progress record, or None."""
+    found = _checkpoints(Path(output_dir) / "checkpoints")
+    return (found[-1][1], found[-1][2]) if found else None
+
+
+def _checkpoints(root: Path) -> list[tuple[tuple[int, int], Path, dict]]:
+    """Complete checkpoints under ``root``, oldest first by (stage order, step)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        f = p / "progress.json"
+        if p.is_dir() and not p.name.startswith(".") and f.is_file():
+            progress = json.loads(f.read_text())
+            found.append(((int(progress.get("order", 0)), int(progress["step"])), p, progress))
+    return sorted(found, key=lambda t: t[0])

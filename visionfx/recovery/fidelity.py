@@ -1,0 +1,166 @@
+"""The fidelity pipeline: how much of the reference model's accuracy each token mixer keeps, before and after
+recovery, and at what share of the reference's training compute (``scripts/fidelity_cifar10.py``).
+
+For each mixer, a fresh copy of the reference model is patched and evaluated with no recovery, after stage 1
+(attention transfer) and after stages 1+2 (distillation fine-tuning), through :func:`~visionfx.recovery.distill`.
+Training-free mixers (``agentsd``) are evaluated as patched only. Each step's GPU time is recorded; the compute
+share is the recovery's GPU time over the reference training's GPU time (both measured the same way: synchronised
+wall-clock time of the training loop times the number of devices, evaluation excluded). The target is at least
+98% of the reference's top-1 after recovery with at most 5% of its training compute.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import traceback
+from pathlib import Path
+
+import torch
+
+from visionfx.recovery.config import DistillConfig
+from visionfx.recovery.data import ImageData
+from visionfx.recovery.distill import distill
+from visionfx.recovery.train import load_reference
+
+__all__ = ["MIXERS", "TRAINING_FREE", "run_fidelity", "fidelity_markdown", "TARGET_RATIO", "TARGET_SHARE"]
+
+MIXERS = ("agent", "agentsd", "inline", "rala", "slab", "vig")
+TRAINING_FREE = frozenset({"agentsd"})
+TARGET_RATIO = 0.98
+TARGET_SHARE = 0.05
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    cuda = torch.cuda.is_available()
+    return {"gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
+            "python": platform.python_version(), "commit": _commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def run_fidelity(reference: str | os.PathLike | dict, data: ImageData, config: DistillConfig, *,
+                 mixers=MIXERS, output_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Evaluate and recover each mixer on the reference model; returns the results (see :func:`fidelity_markdown`).
+
+    Args:
+        reference: a reference checkpoint (path or dict, :mod:`visionfx.recovery.train`).
+        data: labelled training and held-out data (normalised with the reference's statistics here).
+        config: the recovery recipe (step counts, batch sizes, learning rates).
+        mixers: method names or YAML recipes.
+        output_dir: where each mixer's distill log goes (``<output_dir>/<mixer>/``); None: nowhere.
+    """
+    import dataclasses
+
+    _, info = load_reference(reference)
+    data = dataclasses.replace(data, mean=tuple(info["mean"]), std=tuple(info["std"]))
+    ref_gpu = float(info["gpu_seconds"])
+    rows = []
+    for mixer in mixers:
+        name = Path(mixer).stem if str(mixer).endswith((".yaml", ".yml")) else str(mixer)
+        free = name in TRAINING_FREE
+        cfg = config.replace(stage1_steps=0, stage2_steps=0) if free else config
+        model, _ = load_reference(reference)
+        row = {"mixer": name, "training_free": free}
+        try:
+            res = distill(model, mixer, data, config=cfg.replace(eval_at_start=True), progress=progress,
+                          output_dir=None if output_dir is None else Path(output_dir) / name)
+            stages = res.log["stages"]
+            s1 = stages.get("stage1", {})
+            s2 = stages.get("stage2", {})
+            gpu = float(s1.get("gpu_seconds", 0.0)) + float(s2.get("gpu_seconds", 0.0))
+            row.update(top1_none=res.top1.get("start"), top1_stage1=res.top1.get("stage1"),
+                       top1_recovered=res.top1.get("final") if not free else None,
+                       stage1_gpu_seconds=s1.get("gpu_seconds"), stage2_gpu_seconds=s2.get("gpu_seconds"),
+                       stage1_images=s1.get("images"), stage2_images=s2.get("images"),
+                       stage1_skipped=s1.get("skipped"), recovery_gpu_seconds=gpu,
+                       compute_share=gpu / ref_gpu if ref_gpu > 0 else None)
+            best = row["top1_recovered"] if row["top1_recovered"] is not None else row["top1_none"]
+            row["ratio"] = None if best is None or not info["top1"] else best / info["top1"]
+            row["meets_target"] = (row["ratio"] is not None and row["ratio"] >= TARGET_RATIO
+                                   and (row["compute_share"] or 0.0) <= TARGET_SHARE)
+        except Exception as e:  # one mixer failing must not lose the others' results
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc()
+        rows.append(row)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {"reference": {k: info.get(k) for k in ("timm_model", "model_kwargs", "top1", "seconds", "gpu_seconds",
+                                                 "steps", "images", "device", "config")},
+            "distill_config": config.to_dict(), "rows": rows, "environment": environment(),
+            "target": {"ratio": TARGET_RATIO, "compute_share": TARGET_SHARE}}
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _sec(v) -> str:
+    return "-" if v is None else f"{v:.1f} s"
+
+
+def fidelity_markdown(results: dict) -> str:
+    """The ``docs/fidelity.md`` page for :func:`run_fidelity`'s results."""
+    ref, env, cfg = results["reference"], results["environment"], results["distill_config"]
+    kw = ref.get("model_kwargs") or {}
+    lines = [
+        "# Fidelity: token mixers on a CIFAR-10 reference ViT",
+        "",
+        f"Reference: timm `{ref['timm_model']}` geometry with patch {kw.get('patch_size')} on "
+        f"{kw.get('img_size')}×{kw.get('img_size')} images, width {kw.get('embed_dim')}, depth {kw.get('depth')}, "
+        f"{kw.get('num_heads')} heads, trained from scratch: top-1 **{_pct(ref['top1'])}** after {ref['steps']} steps "
+        f"({ref['images']:,} images) in {_sec(ref['gpu_seconds'])} of GPU time on {ref.get('device')}.",
+        "",
+        f"Recovery (METHODS.md §10): stage 1 attention transfer, {cfg['stage1_steps']} steps × "
+        f"{cfg['stage1_batch_size']} images (lr {cfg['stage1_lr']}, LoRA rank {cfg['lora_rank']}); stage 2 "
+        f"distillation fine-tuning, {cfg['stage2_steps']} steps × {cfg['stage2_batch_size']} images (lr "
+        f"{cfg['stage2_lr']}, T = {cfg['temperature']}). Target: ≥ {100 * results['target']['ratio']:.0f}% of the "
+        f"reference top-1 after recovery using ≤ {100 * results['target']['compute_share']:.0f}% of its training "
+        "compute (GPU time).",
+        "",
+        "| mixer | no recovery | after stage 1 | after stages 1+2 | ratio to reference | stage 1 GPU time | "
+        "stage 2 GPU time | compute share | target met |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| reference (softmax) | {_pct(ref['top1'])} | - | - | 100.00% | - | - | - | - |",
+    ]
+    for r in results["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['mixer']} | failed: {r['error'].splitlines()[0][:120]} | | | | | | | |")
+            continue
+        s1 = "skipped" if r.get("stage1_skipped") else _pct(r["top1_stage1"])
+        if r["training_free"]:
+            s1 = "(training-free)"
+        lines.append(
+            f"| {r['mixer']} | {_pct(r['top1_none'])} | {s1} | {_pct(r['top1_recovered'])} | {_pct(r['ratio'])} | "
+            f"{_sec(r['stage1_gpu_seconds'])} | {_sec(r['stage2_gpu_seconds'])} | {_pct(r['compute_share'])} | "
+            f"{'yes' if r['meets_target'] else 'no'} |")
+    lines += [
+        "",
+        "Ratio to reference: the recovered top-1 (no-recovery top-1 for training-free mixers) over the reference's. "
+        "Compute share: stage 1 + stage 2 GPU time over the reference's training GPU time (evaluation excluded).",
+        "",
+        f"Environment: {env.get('gpu') or 'CPU'}, torch {env['torch']}, Python {env['python']}, commit "
+        f"{env.get('commit') or 'unknown'}, {env['date']}. Produced by `scripts/fidelity_cifar10.py`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(results: dict, json_path: str | os.PathLike | None, md_path: str | os.PathLike | None) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    if md_path:
+        Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(md_path).write_text(fidelity_markdown(results))
