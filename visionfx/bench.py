@@ -56,11 +56,11 @@ __all__ = [
 #: the arguments of a plain ``visionfx bench``: about a minute on a 2-core CPU
 DEFAULTS = dict(
     model="vit_tiny_patch16_224",
-    sizes=(160, 224, 320),
-    batch_size=4,
+    sizes=(128, 224, 320),
+    batch_size=2,
     device="auto",
     dtype="fp32",
-    warmup=2,
+    warmup=1,
     repeat=5,
 )
 
@@ -436,6 +436,8 @@ def environment(device: str = "auto") -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
+        # other processes share the CPU: a high load average means slower, noisier timings for every row alike
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "cuda": torch.version.cuda,

@@ -115,9 +115,10 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except bench.BenchError as e:
         parser.error(str(e))
     env = bench.environment(args.device)
+    load = env["load_average_1_5_15min"]
     print(f"{args.model}, batch {args.batch_size}, {args.dtype} on {env['device_name']} ({env['device']}, "
-          f"{env['torch_threads']} threads){', compiled' if args.compile else ''}; "
-          f"median of {args.repeat} after {args.warmup} warm-up")
+          f"{env['torch_threads']} threads{f', load {load[0]:.1f}' if load else ''})"
+          f"{', compiled' if args.compile else ''}; median of {args.repeat} after {args.warmup} warm-up")
     print(bench.format_rows(rows))
     if args.json:
         methods = [r["method"] for r in rows if r["size"] == rows[0]["size"]][1:]
