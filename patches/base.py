@@ -135,8 +135,9 @@ class Adapter:
     def wrap(self, host: nn.Module, mixer: TokenMixer, layout: TokenLayout) -> PatchedAttention:  # pragma: no cover
         raise NotImplementedError
 
-    def norm_sites(self, model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-        """``(path, norm module, role)`` for the norm site; role is ``norm1``, ``norm2`` or ``final``."""
+    def norm_sites(self, model: nn.Module, config=None) -> list[tuple[str, nn.Module, str]]:
+        """``(path, norm module, role)`` for the norm site; role is ``norm1``, ``norm2``, ``final`` or ``fc_norm``
+        (only where ``config.include_fc_norm``)."""
         raise TypeError(f"adapter {self.name!r} provides no 'norm' site")
 
     def layout_target(self, model: nn.Module) -> tuple[nn.Module, dict]:
@@ -184,15 +185,18 @@ class Adapter:
             info = self.host_info(model, host, layout, i, len(sites))
             mixer = spec.module_cls(config, info)
             mixer.to(**_placement_of(host))
-            set_submodule(model, path, self.wrap(host, mixer, layout))
+            wrapper = self.wrap(host, mixer, layout)
+            wrapper.train(host.training)  # a new module starts in training mode; keep the host's
+            set_submodule(model, path, wrapper)
         return {"site": "attention", "paths": [sites[i][0] for i in chosen], "indices": chosen}
 
     def _apply_norm(self, model, spec, config) -> dict[str, Any]:
-        sites = self.norm_sites(model)
+        sites = self.norm_sites(model, config)
         chosen = self.select(len(sites), config.layers, "norm layers")
         for i in chosen:
             path, norm, role = sites[i]
             module = spec.module_cls(config, norm, role)
+            module.train(norm.training)
             set_submodule(model, path, module)
         return {"site": "norm", "paths": [sites[i][0] for i in chosen], "indices": chosen}
 

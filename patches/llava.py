@@ -6,7 +6,7 @@ padding, shrinks placeholder runs (:func:`shrink_placeholders`) and owns everyth
 (:class:`LlavaHandle`: hooks, instance-attribute wrappers of ``get_image_features`` / ``forward`` / ``generate`` that
 keep the wrapped signatures, ``attn_implementation``), so that ``remove()`` gives back the exact original model.
 
-Protocol for methods: a ``visual_tokens`` method module defines ``install(parts: LlavaParts, config) -> LlavaHandle``
+Protocol for methods: a ``visual_tokens`` method's spec carries ``install(parts: LlavaParts, config) -> LlavaHandle``
 (found through the module of the method's config class). The adapter calls it and stores the handle in the patch
 record; :func:`get_handle` returns it. Nothing is forked: only wrappers made with ``functools.wraps``, forward
 (pre-)hooks and ``set_attn_implementation``.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import inspect
 import sys
 from dataclasses import dataclass
@@ -434,12 +433,10 @@ class LlavaAdapter(Adapter):
     def apply(self, model: nn.Module, spec, config) -> dict[str, Any]:
         if spec.site != "visual_tokens":
             return super().apply(model, spec, config)
-        module = importlib.import_module(spec.config_cls.__module__)
-        install = getattr(module, "install", None)
-        if install is None:
-            raise TypeError(f"method {spec.name!r} defines no install(parts, config) for LLaVA models")
+        if spec.install is None:
+            raise TypeError(f"method {spec.name!r} declares no install(parts, config) for LLaVA models")
         parts = LlavaParts.of(model)
-        handle = install(parts, config)
+        handle = spec.install(parts, config)
         return {"site": "visual_tokens", "paths": [], "handle": handle}
 
     def remove(self, model: nn.Module, record: dict[str, Any]) -> None:

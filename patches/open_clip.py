@@ -237,7 +237,7 @@ class OpenClipAdapter(Adapter):
         # a new module starts in training mode; keep the host's (and give it back on unpatch: MHA's eval fast path)
         return cls(host, mixer, layout).train(host.training)
 
-    def norm_sites(self, model):
+    def norm_sites(self, model, config=None):
         prefix, tower = self._tower(model)
         sites = []
         for i, block in enumerate(tower.transformer.resblocks):

@@ -131,7 +131,7 @@ class TimmViTAdapter(Adapter):
     def wrap(self, host, mixer, layout):
         return TimmPatchedAttention(host, mixer, layout)
 
-    def norm_sites(self, model):
+    def norm_sites(self, model, config=None):
         if not hasattr(model, "patch_embed"):
             raise TypeError("the norm site (PRepBN) is offered for timm ViTs only, not for DiT (METHODS.md §6.3)")
         sites = []
@@ -143,6 +143,8 @@ class TimmViTAdapter(Adapter):
                     sites.append((prefix + role, getattr(block, role), role))
         if isinstance(getattr(model, "norm", None), nn.LayerNorm):
             sites.append(("norm", model.norm, "final"))
+        if getattr(config, "include_fc_norm", False) and isinstance(getattr(model, "fc_norm", None), nn.LayerNorm):
+            sites.append(("fc_norm", model.fc_norm, "fc_norm"))
         return sites
 
 

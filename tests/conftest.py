@@ -10,7 +10,8 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers (families.py) importable under importlib mode
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tiny models: one thread is faster than two on a 2-core machine (no oversubscription with the test runner)
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -121,9 +121,24 @@ def test_bad_options_raise(bad):
         PRepBNConfig(**bad)
 
 
-def test_include_fc_norm_refused_until_the_adapter_offers_it():
-    with pytest.raises(NotImplementedError, match="fc_norm"):
-        PRepBNConfig(total_steps=10, include_fc_norm=True)
+def test_include_fc_norm_patches_fc_norm_and_unpatches():
+    import timm
+
+    import visionfx
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2, class_token=False, global_pool="avg", fc_norm=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y0 = model(x)
+    visionfx.patch(model, "prepbn", total_steps=10)
+    assert isinstance(model.fc_norm, torch.nn.LayerNorm)  # off by default (METHODS.md §6.3)
+    visionfx.unpatch(model)
+    visionfx.patch(model, "prepbn", total_steps=10, include_fc_norm=True)
+    assert isinstance(model.fc_norm, LinearNorm) and model.fc_norm.role == "fc_norm"
+    visionfx.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), y0)
 
 
 # --------------------------------------------------------------------------------------------------------- schedule
@@ -263,9 +278,6 @@ def test_slab_prepbn_patches_both_sites():
     assert len(norms) == 5 and all(int(n.vfx_total) == 5 and int(n.vfx_warm) == 1 for n in norms)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "core: patch() looks the adapter up again for the companion config, and TimmViTAdapter.matches no longer sees a "
-    "timm Attention once slab has wrapped them all; patching.py should reuse the first config's adapter"))
 def test_slab_prepbn_without_naming_the_adapter():
     visionfx.patch(timm_model(), "slab", norm="prepbn", prepbn_steps=5)
 

@@ -61,9 +61,16 @@ def patch(model: nn.Module, method: str | MethodConfig | os.PathLike, *, adapter
     config = resolve_config(method, **overrides)
     records = []
     try:
+        first = None
         for cfg in (config, *config.companions()):
             spec = get_method(type(cfg).method)
-            ad = get_adapter(adapter) if adapter else find_adapter(model, spec.site)
+            if adapter:
+                ad = get_adapter(adapter)
+            elif first is not None and spec.site in first.sites:
+                ad = first  # after the first site is patched the model may no longer look like its family
+            else:
+                ad = find_adapter(model, spec.site)
+            first = first or ad
             if spec.site not in ad.sites:
                 raise TypeError(f"adapter {ad.name!r} does not provide site {spec.site!r} needed by {spec.name!r}")
             record = ad.adapter.apply(model, spec, cfg)

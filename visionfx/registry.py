@@ -32,6 +32,8 @@ class MethodSpec:
         summary: one line for tables.
         regime: what the method needs on a pretrained model (``"training-free"``, ``"fine-tuning"``, ...).
         paper: the paper reference.
+        install: for hook-based methods (site ``visual_tokens``): ``install(parts, config) -> handle``, called by the
+            model family's adapter with its bookkeeping object; the handle's ``remove()`` undoes the patch.
     """
 
     name: str
@@ -41,6 +43,7 @@ class MethodSpec:
     summary: str
     regime: str
     paper: str = ""
+    install: Any = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.site not in SITES:

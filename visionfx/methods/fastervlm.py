@@ -438,6 +438,7 @@ METHODS = [
         summary="keep the visual tokens the CLIP [CLS] attends to most, before the LLM",
         regime="training-free",
         paper="arXiv 2412.01818",
+        install=install,
     ),
     MethodSpec(
         name="vtc_cls",
@@ -447,5 +448,6 @@ METHODS = [
         summary="FasterVLM scoring summed over the CLS rows of several CLIP layers",
         regime="training-free",
         paper="arXiv 2412.05819",
+        install=install,
     ),
 ]

@@ -31,8 +31,7 @@ Decisions this module makes where the spec leaves room:
 - **Recalibration** resets the running statistics of every RepBN and averages them cumulatively (BN momentum
   ``None``) with the rest of the model in eval mode: dropout and drop path are off and the λ schedule does not move.
   Batches are normalised with their own statistics meanwhile, as in the usual BN recalibration.
-- ``include_fc_norm=True`` needs the timm adapter to offer ``model.fc_norm`` as a norm site (role ``"fc_norm"``);
-  :class:`LinearNorm` and :func:`reparameterize` handle that role already.
+- ``include_fc_norm=True`` also replaces ``model.fc_norm`` (role ``"fc_norm"``), which the timm adapter then offers.
 """
 
 from __future__ import annotations
@@ -107,11 +106,6 @@ class PRepBNConfig(MethodConfig):
             raise ValueError(f"r0 must lie in [0, 1], got {self.r0}")
         if not isinstance(self.include_fc_norm, bool):
             raise ValueError(f"include_fc_norm must be a bool, got {self.include_fc_norm!r}")
-        if self.include_fc_norm:
-            # TODO: drop this check once the timm adapter lists model.fc_norm (role "fc_norm") as a norm site.
-            raise NotImplementedError(
-                "include_fc_norm=True needs the timm adapter to offer model.fc_norm as a norm site, which it does not "
-                "yet; leave it False (fc_norm stays a LayerNorm, METHODS.md §6.3)")
         if not self.bn_eps > 0:
             raise ValueError(f"bn_eps must be > 0, got {self.bn_eps}")
         if not 0.0 < float(self.bn_momentum) <= 1.0:
