@@ -116,8 +116,9 @@ def read_answers(path: str | os.PathLike) -> dict[str, dict]:
 
 
 def _short_uuid() -> str:
+    """A random 22-character id in shortuuid's alphabet (the form of LLaVA's ``answer_id``)."""
     n, chars = uuid.uuid4().int, []
-    while n:
+    for _ in range(22):  # 57**22 > 2**128
         n, r = divmod(n, len(_ALPHABET))
         chars.append(_ALPHABET[r])
     return "".join(reversed(chars))
