@@ -252,3 +252,15 @@ def test_gpu_low_precision(case, n, d, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 def test_gpu_fp32(case):
     check_fp32(case, 1, 6, 1025, 72, tol=1e-5)
+
+
+def test_empty_and_interpreter_dtype():
+    q = torch.randn(0, 2, 5, 16, device=DEVICE, requires_grad=True)
+    o = linear_attention_triton(q, q, q, feature="relu")
+    assert o.shape == q.shape
+    o.sum().backward()
+    assert q.grad.shape == q.shape
+    if DEVICE == "cpu":
+        b = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="no bfloat16"):
+            linear_attention_triton(b, b, b)

@@ -91,18 +91,18 @@ def _split_lo(s, s_hi, LOWP: tl.constexpr, LP: tl.constexpr):
 
 
 @triton.jit
-def _rotate(x, cos_ptr, sin_ptr, offs_n, offs_d, mask, HALF, INVERSE: tl.constexpr,
+def _rotate(x, cos_ptr, sin_ptr, offs_n, mask_n, HALF, INVERSE: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rotate channel pairs ``(2p, 2p+1)`` of ``x [BLOCK_N, BLOCK_D]`` by the tables ``[N, HALF]`` (or back)."""
-    idx = offs_n[:, None] * HALF + offs_d[None, :] // 2
+    offs_p = tl.arange(0, BLOCK_D // 2)
+    idx = offs_n[:, None] * HALF + offs_p[None, :]
+    mask = mask_n[:, None] & (offs_p < HALF)[None, :]
     c = tl.load(cos_ptr + idx, mask=mask, other=0.0)
     s = tl.load(sin_ptr + idx, mask=mask, other=0.0)
-    even, odd = tl.split(tl.reshape(x, (BLOCK_N, BLOCK_D // 2, 2)))
-    swapped = tl.reshape(tl.join(-odd, even), (BLOCK_N, BLOCK_D))  # (-x_{2p+1}, x_{2p})
     if INVERSE:
-        return x * c - swapped * s
-    else:
-        return x * c + swapped * s
+        s = -s
+    even, odd = tl.split(tl.reshape(x, (BLOCK_N, BLOCK_D // 2, 2)))
+    return tl.reshape(tl.join(even * c - odd * s, odd * c + even * s), (BLOCK_N, BLOCK_D))
 
 
 @triton.jit
@@ -130,7 +130,7 @@ def _state_phase(k_base, v_base, w_base, cos_ptr, sin_ptr, skn, skd, svn, svd, s
         if SUBTRACTIVE:
             z2 += tl.sum(v, 0)
         if HAS_ROPE:
-            kf = _rotate(kf, cos_ptr, sin_ptr, offs_n, offs_d, mask, HALF, False, BLOCK_N, BLOCK_D)
+            kf = _rotate(kf, cos_ptr, sin_ptr, offs_n, offs_n < end, HALF, False, BLOCK_N, BLOCK_D)
         S = _mm(tl.trans(kf), v, S, K_EXACT, V_EXACT, LOWP, LP)
     return S, z1, z2
 
@@ -168,7 +168,7 @@ def _out_phase(q_base, o_base, cos_ptr, sin_ptr, sqn, sqd, S, z1, z2, start, end
         else:
             den = tl.sum(qf * z1[None, :], 1) + eps
             if HAS_ROPE:
-                qf = _rotate(qf, cos_ptr, sin_ptr, offs_n, offs_d, mask, HALF, False, BLOCK_N, BLOCK_D)
+                qf = _rotate(qf, cos_ptr, sin_ptr, offs_n, offs_n < end, HALF, False, BLOCK_N, BLOCK_D)
             o = _mm_state(qf, m_hi, m_lo, acc, Q_EXACT, LOWP, LP) / den[:, None]
         tl.store(o_base + offs_n[:, None] * D + offs_d[None, :], o.to(o_base.dtype.element_ty), mask=mask)
 
@@ -180,7 +180,8 @@ def _dq_phase(q_base, do_base, dq_base, cos_ptr, sin_ptr, sqn, sqd, sdon, sdod, 
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Write ``dq`` for tokens ``[start, end)``; return their ``dS`` and ``dz``.
 
-    Divisive: ``dS = Σ (Rφq)ᵀ (do/den)``, ``dz = Σ φq·dden`` with ``dden = −(do·num)/den²``.
+    Divisive: ``dS = Σ (Rφq)ᵀ (do/den)``, ``dz = Σ φq·dden`` with ``dden = −(do·num)/den²``,
+    ``dφq = Rᵀ((do/den) Sᵀ) + dden·z1``.
     Subtractive: ``dS = Σ φqᵀ do`` (before ``scale/N``), ``dz = Σ do``.
     """
     offs_d = tl.arange(0, BLOCK_D)
@@ -207,15 +208,16 @@ def _dq_phase(q_base, do_base, dq_base, cos_ptr, sin_ptr, sqn, sqd, sdon, sdod, 
             den = tl.sum(qf * z1[None, :], 1) + eps
             qr = qf
             if HAS_ROPE:
-                qr = _rotate(qf, cos_ptr, sin_ptr, offs_n, offs_d, mask, HALF, False, BLOCK_N, BLOCK_D)
+                qr = _rotate(qf, cos_ptr, sin_ptr, offs_n, offs_n < end, HALF, False, BLOCK_N, BLOCK_D)
             num = _mm_state(qr, m_hi, m_lo, acc, Q_EXACT, LOWP, LP)
-            dnum = do / den[:, None]
-            dden = -tl.sum(do * num, 1) / (den * den)
-            dqf = _mm_state(dnum, mt_hi, mt_lo, acc, False, LOWP, LP)
+            inv_den = 1.0 / den
+            dden = -tl.sum(do * num, 1) * inv_den * inv_den
+            # (do/den) Mᵀ = (do Mᵀ)/den and (Rφq)ᵀ(do/den) = (Rφq/den)ᵀ do keep the exact do as one operand
+            dqf = _mm_state(do, mt_hi, mt_lo, acc, DO_EXACT, LOWP, LP) * inv_den[:, None]
             if HAS_ROPE:
-                dqf = _rotate(dqf, cos_ptr, sin_ptr, offs_n, offs_d, mask, HALF, True, BLOCK_N, BLOCK_D)
+                dqf = _rotate(dqf, cos_ptr, sin_ptr, offs_n, offs_n < end, HALF, True, BLOCK_N, BLOCK_D)
             dqf += dden[:, None] * z1[None, :]
-            dS = _mm(tl.trans(qr), dnum, dS, Q_EXACT, False, LOWP, LP)
+            dS = _mm(tl.trans(qr * inv_den[:, None]), do, dS, False, DO_EXACT, LOWP, LP)
             dz += tl.sum(qf * dden[:, None], 0)
         dq = _times_dphi(dqf, q, FEATURE)
         tl.store(dq_base + offs_n[:, None] * D + offs_d[None, :], dq.to(dq_base.dtype.element_ty), mask=mask)
@@ -264,11 +266,11 @@ def _dkv_phase(k_base, v_base, w_base, cos_ptr, sin_ptr, dk_base, dv_base, dw_ba
                 kw = kf * w[:, None]
             kr = kw
             if HAS_ROPE:
-                kr = _rotate(kw, cos_ptr, sin_ptr, offs_n, offs_d, mask, HALF, False, BLOCK_N, BLOCK_D)
+                kr = _rotate(kw, cos_ptr, sin_ptr, offs_n, offs_n < end, HALF, False, BLOCK_N, BLOCK_D)
             dv = _mm_state(kr, g_hi, g_lo, acc, K_EXACT, LOWP, LP)
             dkf = _mm_state(v, gt_hi, gt_lo, acc, V_EXACT, LOWP, LP)
             if HAS_ROPE:
-                dkf = _rotate(dkf, cos_ptr, sin_ptr, offs_n, offs_d, mask, HALF, True, BLOCK_N, BLOCK_D)
+                dkf = _rotate(dkf, cos_ptr, sin_ptr, offs_n, offs_n < end, HALF, True, BLOCK_N, BLOCK_D)
             dkf += dz[None, :]
             if HAS_KW:
                 tl.store(dw_base + offs_n, tl.sum(kf * dkf, 1), mask=mask_n)

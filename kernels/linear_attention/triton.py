@@ -23,7 +23,10 @@ Decisions where the contract is silent:
   which is exact algebra; cancellation costs accuracy only when ``|k̄||v̄|`` dwarfs the centred product.
 - Wrapped as ``torch.library.custom_op`` (``visionfx::linear_attention_fwd`` / ``_bwd``) with a fake implementation
   and ``register_autograd``, so ``torch.compile`` keeps one opaque node per layer without graph breaks. The same path
-  runs under ``TRITON_INTERPRET=1`` on CPU tensors (there the 16-bit path emulates bf16 with fp16 operands).
+  runs under ``TRITON_INTERPRET=1`` on CPU tensors (there the 16-bit path emulates bf16 with fp16 operands); the
+  dispatcher uses the interpreter only when the Triton backend is forced, tests call this function directly.
+- Block sizes are autotuned per (head-dim block, power-of-two bucket of N, options) on first use; the split-N
+  partial-state kernels reset their buffers between trials.
 """
 
 from __future__ import annotations
@@ -77,28 +80,33 @@ def _plan(bh: int, n: int, device: torch.device) -> tuple[int, int]:
     return (chunk, splits) if splits > 1 else (n, 1)
 
 
-def _configs(big: bool) -> list:
-    # (BLOCK_N, num_warps, num_stages); with D = 128 the fp32 state alone takes 64 registers per thread at 8 warps
-    table = ((32, 8, 2), (64, 8, 2), (64, 8, 3)) if big else (
-        (32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 3), (128, 8, 2))
-    return [triton.Config({"BLOCK_N": b}, num_warps=w, num_stages=s) for b, w, s in table]
+def _configs(name: str, big: bool) -> list:
+    """(BLOCK_N, num_warps, num_stages) to try. The fp32 D×D state takes 32 registers per thread at D = 64 and 4 warps
+    and 64 at D = 128 and 8 warps; the backward query pass keeps a second one (dS), hence its smaller token blocks."""
+    if name == "fwd_kernel":
+        table = ((32, 8, 2), (64, 8, 2), (64, 8, 3)) if big else (
+            (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 3), (128, 8, 2), (32, 4, 3))
+    else:
+        table = ((32, 8, 2), (32, 8, 3), (64, 8, 2)) if big else (
+            (32, 4, 2), (32, 4, 3), (64, 4, 2), (32, 8, 3), (64, 8, 2))
+    return [triton.Config({"BLOCK_N": b}, num_warps=w, num_stages=st) for b, w, st in table]
 
 
 _KEY = ["N_BUCKET", "PHASE", "FEATURE", "SUBTRACTIVE", "HAS_KW", "HAS_ROPE", "BLOCK_D"]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(name: str, big: bool):
-    fn = getattr(K, name)
-    reset = ["state", "vec"] if name == "fwd_kernel" else ["dstate", "dvec"]
-    return triton.autotune(_configs(big), key=_KEY, reset_to_zero=reset)(fn)
+def _tuned(name: str, big: bool, phase: int):
+    # only the atomic phase accumulates into its buffers; zeroing them for another phase would erase its input state
+    reset = (["state", "vec"] if name == "fwd_kernel" else ["dstate", "dvec"]) if phase == 1 else None
+    return triton.autotune(_configs(name, big), key=_KEY, reset_to_zero=reset)(getattr(K, name))
 
 
 def _launch(name: str, grid: tuple, args: tuple, meta: dict) -> None:
     if _INTERPRET:
         getattr(K, name)[grid](*args, **meta, BLOCK_N=32)
     else:
-        _tuned(name, meta["BLOCK_D"] > 64)[grid](*args, **meta)
+        _tuned(name, meta["BLOCK_D"] > 64, meta["PHASE"])[grid](*args, **meta)
 
 
 def _flags(q, feature, normalizer, key_weights, cos):
@@ -119,6 +127,9 @@ def _forward(q, k, v, key_weights, cos, sin, feature, normalizer, scale, eps, sa
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     chunk, splits = _plan(B * H, N, q.device)
     f32 = dict(dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        shapes = _state_shapes(q) if save_state else ((0,), (0,))
+        return o, torch.zeros(shapes[0], **f32), torch.zeros(shapes[1], **f32)
     if splits > 1:
         state, vec = torch.zeros((B * H, BD, BD), **f32), torch.zeros((B * H, 2, BD), **f32)
     elif save_state:
@@ -147,11 +158,13 @@ def _backward(do, q, k, v, key_weights, cos, sin, state, vec, feature, normalize
     dq, dk, dv = (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
     f32 = dict(dtype=torch.float32, device=q.device)
     dw = torch.empty((B, H, N), **f32) if key_weights is not None else torch.empty((0,), **f32)
+    if dq.numel() == 0:
+        return dq, dk, dv, dw.zero_()
     chunk, splits = _plan(B * H, N, q.device)
     if splits > 1:
         dstate, dvec = torch.zeros((B * H, BD, BD), **f32), torch.zeros((B * H, 2, BD), **f32)
     else:
-        dstate, dvec = state, vec  # unused by the fused kernel
+        dstate, dvec = torch.empty((0,), **f32), torch.empty((0,), **f32)  # unused by the fused kernel
     w = key_weights if key_weights is not None else q
     ws = key_weights.stride() if key_weights is not None else (0, 0, 0)
     tab_c, tab_s = (cos, sin) if cos is not None else (q, q)
@@ -212,11 +225,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, key_weights, cos, sin, state, vec)
     ctx.options = (feature, normalizer, scale, eps)
     ctx.kw_dtype = None if key_weights is None else key_weights.dtype
+    ctx.saved_state = save_state
 
 
 def _autograd_backward(ctx, do, _dstate, _dvec):
     q, k, v, key_weights, cos, sin, state, vec = ctx.saved_tensors
-    if state.numel() == 0:
+    if not ctx.saved_state:
         raise RuntimeError("linear_attention_triton: the forward ran without saving its state for the backward")
     dq, dk, dv, dw = _bwd_op(do.to(q.dtype), q, k, v, key_weights, cos, sin, state, vec, *ctx.options)
     dw = None if ctx.kw_dtype is None else dw.to(ctx.kw_dtype)
@@ -268,6 +282,8 @@ def linear_attention_triton(
         raise ValueError(f"inputs on {q.device.type}: the Triton kernel needs CUDA (or TRITON_INTERPRET=1)")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype {q.dtype} not supported (float32, bfloat16, float16)")
+    if _INTERPRET and q.dtype == torch.bfloat16:
+        raise ValueError("the Triton interpreter has no bfloat16 arithmetic; use float32 (or float16) inputs")
     k, v = k.to(q.dtype), v.to(q.dtype)
     cos = sin = None
     if rope is not None:
