@@ -53,11 +53,20 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_data(args):
+    import contextlib
+    import os
+
     from visionfx.recovery.data import load_image_data
 
-    return load_image_data(args.data, cache_dir=args.cache_dir, train_split=args.train_split,
-                           eval_split=args.eval_split, image_size=args.image_size, limit_per_class=args.limit,
-                           progress=not args.no_progress)
+    first = contextlib.nullcontext()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch: one process decodes the archive
+        from accelerate import PartialState
+
+        first = PartialState().main_process_first()
+    with first:
+        return load_image_data(args.data, cache_dir=args.cache_dir, train_split=args.train_split,
+                               eval_split=args.eval_split, image_size=args.image_size, limit_per_class=args.limit,
+                               progress=not args.no_progress)
 
 
 # --- visionfx distill ----------------------------------------------------------------------------------------------

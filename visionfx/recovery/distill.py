@@ -144,7 +144,8 @@ class _Run:
                 x, y = next(batches)
                 x, y = augment(x, y, step * accum + j)
                 with acc.accumulate(model_p):
-                    loss, metrics = loss_fn(x, y)
+                    with acc.autocast():
+                        loss, metrics = loss_fn(x, y)
                     acc.backward(loss)
                     if acc.sync_gradients:
                         if manual_sync:
@@ -242,6 +243,9 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
         data = dataclasses.replace(data, mean=tuple(mean or data.mean), std=tuple(std or data.std))
     acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.cpu)
     set_seed(cfg.seed)
+    if acc.device.type == "cuda":  # fp32 matmuls (outside autocast) may use TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     data = data.to(acc.device)
     output_dir = None if output_dir is None else Path(output_dir)
     found = latest_checkpoint(output_dir) if resume else None
@@ -256,7 +260,7 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
     else:
         teacher = copy.deepcopy(model)
         method = resolve_method(method_or_config, cfg.prepbn_steps, cfg.default_prepbn_steps)
-        visionfx.patch(model, method)
+        visionfx.patch(model, method, adapter=_adapter_for(model, method))
     teacher = freeze_teacher(teacher).to(acc.device)
     model.to(acc.device)
     trainable_before = {id(p): p.requires_grad for p in model.parameters()}
@@ -286,7 +290,9 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
                 p.requires_grad_(id(p) in chosen)
             model.eval()
             opt, sched = _optimiser(named, cfg.stage1_lr, cfg.stage1_weight_decay, cfg.stage1_warmup, cfg.stage1_steps)
-            model_p, opt, sched = acc.prepare(model, opt, sched)
+            # no DDP wrapper: the layers are called directly, so gradients are averaged by hand (manual_sync)
+            model_p = acc.prepare_model(model, evaluation_mode=True)
+            opt, sched = acc.prepare(opt, sched)
             start, clock = 0, 0.0
             if found and done_order == 1:
                 acc.load_state(str(found[0] / "accelerate"))
@@ -294,11 +300,9 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
             loss_fn = AttentionTransferLoss(model)
             augment = GpuAugment(data.mean, data.std, crop_padding=cfg.crop_padding, flip=cfg.flip,
                                  seed=_seed(cfg.seed, 1))
-            with acc.autocast():
-                run.train("stage1", cfg.stage1_steps, cfg.stage1_batch_size, lambda x, y: loss_fn(x), model_p, opt,
-                          sched, [p for _, p in named], augment, start, clock, manual_sync=True)
-            acc.free_memory()
-            model = acc.unwrap_model(model_p, keep_fp32_wrapper=False)
+            run.train("stage1", cfg.stage1_steps, cfg.stage1_batch_size, lambda x, y: loss_fn(x), model_p, opt,
+                      sched, [p for _, p in named], augment, start, clock, manual_sync=True)
+            model = _release(acc, model_p)
             del model_p, opt, sched
         merge_lora(model)
         top1["stage1"] = run.evaluate(model, "stage1", cfg.stage1_steps)
@@ -325,11 +329,9 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
         augment = GpuAugment(data.mean, data.std, crop_padding=cfg.crop_padding, flip=cfg.flip,
                              mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, mix_prob=cfg.mix_prob,
                              num_classes=data.num_classes, seed=_seed(cfg.seed, 2))
-        with acc.autocast():
-            run.train("stage2", cfg.stage2_steps, cfg.stage2_batch_size, loss_fn, model_p, opt, sched,
-                      [p for _, p in named], augment, start, clock)
-        acc.free_memory()
-        model = acc.unwrap_model(model_p, keep_fp32_wrapper=False)
+        run.train("stage2", cfg.stage2_steps, cfg.stage2_batch_size, loss_fn, model_p, opt, sched,
+                  [p for _, p in named], augment, start, clock)
+        model = _release(acc, model_p)
         del model_p, opt, sched, student_fwd, loss_fn
         top1["stage2"] = run.evaluate(model, "stage2", cfg.stage2_steps)
 
@@ -357,6 +359,23 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
     log.write(acc)
     acc.wait_for_everyone()
     return DistillResult(model, top1, log.data, output_dir)
+
+
+def _release(acc, model_p) -> nn.Module:
+    """The plain model back from ``accelerate`` at the end of a stage, ready to be prepared afresh by the next."""
+    model = acc.unwrap_model(model_p, keep_fp32_wrapper=False)
+    acc.free_memory()
+    model.__dict__.pop("_is_accelerate_prepared", None)  # else the next prepare() would skip wrapping it
+    return model
+
+
+def _adapter_for(model: nn.Module, method) -> str:
+    """The adapter of ``model`` for ``method``'s own site, named explicitly so that a companion site (slab's PRepBN
+    norms) uses the same one: auto-detection runs again for companions and no longer recognises a timm ViT whose
+    attention modules are all wrapped already."""
+    from visionfx.registry import find_adapter, get_method
+
+    return find_adapter(model, get_method(type(method).method).site).name
 
 
 def _method_dict(model) -> dict[str, Any]:

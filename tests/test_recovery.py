@@ -1,0 +1,322 @@
+"""visionfx.distill: attention transfer, distillation fine-tuning, checkpoints and resume, PRepBN schedule, recipes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import visionfx
+from visionfx.recovery import DistillConfig, distill, load_distill_config, load_distilled, tensor_data
+from visionfx.recovery.attention_transfer import host_mode, transfer_parameters
+from visionfx.recovery.lora import LoRALinear, add_lora, merge_lora
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FAST = dict(progress=False, log_every=1, eval_batch_size=16, recalibrate_steps=2, mixed_precision="no", cpu=True)
+SMALL = dict(FAST, stage1_batch_size=8, stage2_batch_size=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many tiny ops: one thread is much faster than two on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vit(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    args.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+
+
+def tiny_data(n=32, seed=0, labels=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 5, (n,), generator=g) if labels else None
+    return tensor_data(x, y, x[:16], None if y is None else y[:16], mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def _attention_io(model, x):
+    """Inputs and outputs of every timm Attention module of an unpatched model (independent of host_mode)."""
+    store = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, name=name: store.__setitem__(name, (a[0], out)))
+             for name, m in model.named_modules() if type(m).__name__ == "Attention"]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return store
+
+
+def _per_layer_mse(patched, teacher, x):
+    io = _attention_io(teacher, x)
+    with torch.no_grad():
+        return [F.mse_loss(patched.get_submodule(name)(inp), out).item() for name, (inp, out) in sorted(io.items())]
+
+
+def _images(data, n=8):
+    return (data.train.images[:n].float() / 255 - 0.5) / 0.25
+
+
+# ------------------------------------------------------------------------------------------------------ host mode
+
+
+def test_host_mode_is_the_original_model():
+    model = tiny_vit()
+    original = copy.deepcopy(model)
+    visionfx.patch(model, "slab", norm="prepbn", prepbn_steps=10, adapter="timm_vit")
+    add_lora(model, rank=2)
+    for m in model.modules():  # a non-zero adapter, which host mode must switch off
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_b)
+    x = _images(tiny_data())
+    with torch.no_grad():
+        patched = model(x)
+        with host_mode(model):
+            host = model(x)
+        again = model(x)
+    torch.testing.assert_close(host, original(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(patched, host, atol=1e-3)
+    torch.testing.assert_close(again, patched)  # the patch is back afterwards
+
+
+# ------------------------------------------------------------------------------------------------------- stage 1
+
+
+@pytest.mark.parametrize("method", ["slab", "vig"])
+def test_stage1_reduces_layer_mse_and_trains_only_added_parameters(method):
+    model, data = tiny_vit(), tiny_data()
+    teacher = copy.deepcopy(model)
+    visionfx.patch(model, method)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = _images(data)
+    mse0 = _per_layer_mse(model, teacher, x)
+    res = distill(model, None, data, stage1_steps=12, stage2_steps=0, stage1_batch_size=16, stage1_lr=2e-2,
+                  stage1_warmup=0.0, eval_at_start=False, **FAST)
+    mse1 = _per_layer_mse(model, teacher, x)
+    assert all(b < 0.9 * a for a, b in zip(mse0, mse1)), (mse0, mse1)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".vfx_" in k for k in changed), changed
+    hist = res.log["stages"]["stage1"]["history"]
+    assert len(hist) == 12 and len(hist[0]["layer_mse"]) == 2 and hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_stage1_with_lora_changes_only_added_and_host_projections():
+    model, data = tiny_vit(), tiny_data()
+    teacher = copy.deepcopy(model)
+    visionfx.patch(model, "slab")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = distill(model, None, data, stage1_steps=4, stage2_steps=0, stage1_batch_size=16, stage1_lr=1e-2,
+                  lora_rank=2, eval_at_start=False, **FAST)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged into qkv/proj
+    assert set(model.state_dict()) == set(before)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    allowed = lambda k: ".vfx_" in k or k.endswith(("attn.qkv.weight", "attn.proj.weight"))  # noqa: E731
+    assert all(allowed(k) for k in changed) and any(k.endswith("attn.qkv.weight") for k in changed), changed
+    assert res.log["stages"]["stage1"]["steps"] == 4
+    visionfx.unpatch(model)  # still a plain model afterwards, with the merged weights
+    assert type(model.blocks[0].attn.qkv) is torch.nn.Linear
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, teacher.blocks[0].attn.qkv.weight)
+
+
+def test_lora_merge_equals_adapter_output():
+    model = tiny_vit()
+    visionfx.patch(model, "slab")
+    add_lora(model, rank=3, alpha=6.0)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_b)
+    x = _images(tiny_data())
+    with torch.no_grad():
+        with_adapters = model(x)
+        assert merge_lora(model) == 4
+        merged = model(x)
+    torch.testing.assert_close(merged, with_adapters, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="Linear children"):
+        add_lora(model, targets=("in_proj",))
+
+
+def test_transfer_parameters_are_the_mixers_only():
+    model = tiny_vit()
+    visionfx.patch(model, "slab", norm="prepbn", prepbn_steps=5, adapter="timm_vit")
+    names = [n for n, _ in transfer_parameters(model)]
+    assert names and all(".vfx_mixer." in n for n in names)  # not the PRepBN norms' vfx_bn
+
+
+def test_training_free_method_skips_stage1():
+    model, data = tiny_vit(), tiny_data()
+    res = distill(model, "agentsd", data, stage1_steps=3, stage2_steps=0, **SMALL)
+    assert "skipped" in res.log["stages"]["stage1"]
+    assert set(res.top1) == {"start", "stage1", "final"} and res.top1["start"] == res.top1["stage1"]
+
+
+# ------------------------------------------------------------------------------------- stage 2, checkpoints, resume
+
+
+def _run(tmp, callback=None, resume=False, model=None):
+    return distill(model if model is not None else tiny_vit(drop_path_rate=0.1), "agent" if not resume else None,
+                   tiny_data(), stage1_steps=3, stage2_steps=4, stage1_batch_size=8, stage2_batch_size=8,
+                   grad_accum=2, save_every=2, output_dir=tmp, resume=resume, callback=callback, **FAST)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _stop_at(stage, step, seen):
+    def cb(s, k):
+        seen.append((s, k))
+        if (s, k) == (stage, step):
+            raise Interrupt
+    return cb
+
+
+def test_stage2_logs_checkpoints_and_resume_equals_uninterrupted(tmp_path):
+    full = _run(tmp_path / "full")
+    log = full.log
+    s2 = log["stages"]["stage2"]
+    assert s2["steps"] == 4 and s2["images"] == 4 * 2 * 8 and s2["gpu_seconds"] > 0
+    assert [h["step"] for h in s2["history"]] == [1, 2, 3, 4] and all("kd" in h and "ce" in h for h in s2["history"])
+    assert {e["stage"] for e in log["evals"]} == {"start", "stage1", "stage2"}
+    assert all(0 <= e["top1"] <= 1 for e in log["evals"])
+    assert (tmp_path / "full" / "distill_log.json").is_file()
+    ckpts = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    assert ckpts == ["stage2-step0000002", "stage2-step0000004"]  # keep_checkpoints = 2
+    assert (tmp_path / "full" / "checkpoints" / "stage2-step0000004" / "visionfx" / "visionfx_config.json").is_file()
+
+    # interrupted in stage 1, resumed, interrupted in stage 2, resumed
+    part, seen = tmp_path / "part", [[], [], []]
+    with pytest.raises(Interrupt):
+        _run(part, _stop_at("stage1", 2, seen[0]))
+    with pytest.raises(Interrupt):
+        _run(part, _stop_at("stage2", 2, seen[1]), resume=True, model=_patched_fresh())
+    resumed = _run(part, _stop_at(None, None, seen[2]), resume=True, model=_patched_fresh())
+    assert seen == [[("stage1", 1), ("stage1", 2)], [("stage1", 3), ("stage2", 1), ("stage2", 2)],
+                    [("stage2", 3), ("stage2", 4)]]  # each run continued where the last checkpoint was
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert resumed.top1["stage2"] == full.top1["stage2"]
+    hist = resumed.log["stages"]["stage2"]["history"]
+    assert [h["step"] for h in hist] == [1, 2, 3, 4]
+
+    # the final folder rebuilds the model
+    rebuilt = load_distilled(tiny_vit(drop_path_rate=0.1), tmp_path / "full" / "final")
+    x = _images(tiny_data())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), full.model(x))
+
+
+def _patched_fresh():
+    """What a restarted process has: the base model again, patched as in the interrupted run."""
+    return visionfx.patch(tiny_vit(drop_path_rate=0.1), "agent")
+
+
+def test_prepbn_schedule_advances_during_stage2():
+    model, data = tiny_vit(), tiny_data()
+    seen = []
+
+    def watch(stage, step):
+        if stage == "stage2":
+            norm = model.blocks[0].norm1
+            seen.append((int(norm.vfx_iter), int(norm.vfx_total)))
+
+    res = distill(model, {"method": "slab", "norm": "prepbn"}, data, stage1_steps=1, stage2_steps=5,
+                  grad_accum=2, callback=watch, **SMALL)
+    total = int(0.8 * 5 * 2)  # 0.8 x optimiser steps x micro-batches (the counter counts training forwards)
+    assert [t for _, t in seen] == [total] * 5
+    assert [i for i, _ in seen] == [max(0, total - 2 * k) for k in range(1, 6)]
+    assert res.log["stages"]["prepbn"]["recalibrate_steps"] == 2 and "final" in res.top1
+    bn = model.blocks[0].norm1.vfx_bn.bn
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 2  # recalibrated over 2 batches
+
+
+def test_prepbn_explicit_steps_and_reparameterize():
+    model, data = tiny_vit(), tiny_data()
+    res = distill(model, {"method": "slab", "norm": "prepbn"}, data, stage1_steps=0, stage2_steps=2,
+                  prepbn_steps=3, reparameterize=True, **{**SMALL, "recalibrate_steps": 1})
+    assert visionfx.get_config(model).prepbn_steps == 3
+    assert model.blocks[0].norm1.folded is not None and res.log["stages"]["prepbn"]["reparameterized"]
+    assert res.top1["final"] is not None
+
+
+def test_unlabeled_data_distils_without_cross_entropy():
+    model = tiny_vit()
+    res = distill(model, "inline", tiny_data(labels=False), stage1_steps=1, stage2_steps=2,
+                  **SMALL)
+    hist = res.log["stages"]["stage2"]["history"]
+    assert all("kd" in h and "ce" not in h for h in hist) and res.top1["final"] is None
+
+
+def test_distill_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="already patched"):
+        distill(visionfx.patch(tiny_vit(), "slab"), "slab", tiny_data(), **SMALL)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        distill(tiny_vit(), "slab", tiny_data(), output_dir=tmp_path, resume=True, **FAST)
+    with pytest.raises(ValueError, match="did you mean 'stage2_steps'"):
+        distill(tiny_vit(), "slab", tiny_data(), stage2_step=3, **FAST)
+
+
+# ---------------------------------------------------------------------------------------------------------- recipes
+
+
+def test_distill_yaml_recipes_load():
+    for path in sorted(CONFIGS.glob("distill-*.yaml")):
+        cfg = load_distill_config(path)
+        assert isinstance(cfg, DistillConfig)
+    assert load_distill_config(CONFIGS / "distill-default.yaml") == DistillConfig()
+    cifar = load_distill_config(CONFIGS / "distill-cifar10.yaml", stage2_steps=7)
+    assert cifar.stage1_lr == 2e-3 and cifar.stage2_steps == 7 and cifar.lora_targets == ("qkv", "proj")
+
+
+def test_train_yaml_recipe_loads():
+    from visionfx.recovery.train import TrainConfig
+
+    assert TrainConfig.load(CONFIGS / "train-cifar10.yaml") == TrainConfig()
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"stage1_step": 3}, "did you mean 'stage1_steps'"),
+    ({"lr": 1e-3}, "unknown option 'lr'"),
+    ({"finetune": "al"}, "did you mean 'all'"),
+    ({"stage2_warmup": 2.0}, r"\[0, 1\]"),
+    ({"grad_accum": 0}, ">= 1"),
+])
+def test_distill_config_rejects_bad_keys_and_values(tmp_path, data, match):
+    with pytest.raises(ValueError, match=match):
+        DistillConfig.from_dict(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in data.items()))
+    with pytest.raises(ValueError, match=match):
+        load_distill_config(path)
+
+
+def test_train_config_rejects_unknown_keys():
+    from visionfx.recovery.train import TrainConfig
+
+    with pytest.raises(ValueError, match="did you mean 'epochs'"):
+        TrainConfig.from_dict({"epoch": 3})
+
+
+def test_train_reference_two_steps_on_cpu(tmp_path):
+    from visionfx.recovery.train import TrainConfig, load_reference, train_reference
+
+    cfg = TrainConfig(depth=1, embed_dim=32, num_heads=2, batch_size=8, max_steps=2, eval_batch_size=16, cpu=True,
+                      mixed_precision="no", cutmix_alpha=1.0, mixup_alpha=0.5)
+    data = tiny_data()
+    data.classes = [str(i) for i in range(5)]
+    out = train_reference(cfg, data, tmp_path, progress=False)
+    assert out["steps"] == 2 and out["images"] == 16
+    model, info = load_reference(tmp_path / "reference.pt")
+    x = _images(data)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out["model"](x))
+    assert info["mean"] == [0.5] * 3 and info["top1"] == out["top1"]
