@@ -7,9 +7,10 @@ Same signature and semantics as :func:`visionfx.kernels.agent_attention.referenc
   ``VA = softmax(s1·A Kᵀ + B1) V`` → ``VA [B,h,n,d]`` fp32 and its log-sum-exp ``lse1 [B,h,n]``;
 * broadcast (parallel over token blocks): ``O = softmax(s2·Q Aᵀ + B2) VA`` and ``lse2 [B,h,N]``.
 
-Backward recomputes the probabilities from the saved log-sum-exps: the broadcast pass gives dQ and accumulates dVA,
-dA and dB2 (atomics over token blocks, batch summed for the bias); the aggregation pass then gives dK, dV and
-accumulates dA and dB1. Biases are batch-independent tables ``B1 [h,n,N]``, ``B2 [h,N,n]`` read in fp32.
+Backward recomputes the probabilities from the saved log-sum-exps: the broadcast pass gives dQ and sums dVA and dA
+over a chunk of tokens on chip (one atomic add per program); the aggregation pass then gives dK, dV and adds to dA
+the same way. The batch-shared bias gradients dB1, dB2 come from separate passes over (token block, head) that loop
+over the batch, so no two programs of the same batch element contend for an address. Biases are batch-independent tables ``B1 [h,n,N]``, ``B2 [h,N,n]`` read in fp32.
 """
 
 from __future__ import annotations
@@ -119,16 +120,12 @@ def _bcast_fwd(
 
 
 @triton.jit
-def _bcast_bwd(
-    Q, A, VA, B2, O, DO, LSE2, DQ, DVA, DA, DB2,
-    N, n_agents, n_heads, s2,
+def _bcast_tile(
+    Q, A, VA, B2, O, DO, LSE2, b, h, pid_bh, rm, N, n_agents, s2,
     sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
-    HAS_B2: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-    PREC: tl.constexpr,
+    HAS_B2: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // n_heads, pid_bh % n_heads
-    rm = pid_m * BM + tl.arange(0, BM)
+    """Recompute the broadcast stage of one token block: ``q, a, dO`` (fp32), ``P2`` and ``dS2`` (``[BM, BA]``)."""
     ra, rd = tl.arange(0, BA), tl.arange(0, BD)
     m_mask, a_mask, d_mask = rm < N, ra < n_agents, rd < D
     md = m_mask[:, None] & d_mask[None, :]
@@ -146,28 +143,70 @@ def _bcast_bwd(
     dp = tl.dot(do, tl.trans(va), input_precision="ieee")
     delta = tl.sum(do * o, 1)
     ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds, a.to(tl.float32), input_precision="ieee") * s2
-    tl.store(DQ + pid_bh * N * BD + rm[:, None] * BD + rd[None, :], dq, mask=md)
-    dva = tl.dot(tl.trans(p), do, input_precision="ieee")
-    da = tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee") * s2
-    ad = a_mask[:, None] & d_mask[None, :]
-    tl.atomic_add(DVA + (pid_bh * BA + ra[:, None]) * BD + rd[None, :], dva, mask=ad)
-    tl.atomic_add(DA + (pid_bh * BA + ra[:, None]) * BD + rd[None, :], da, mask=ad)
-    if HAS_B2:
-        tl.atomic_add(DB2 + h * N * BA + rm[:, None] * BA + ra[None, :], ds, mask=m_mask[:, None] & a_mask[None, :])
+    return q.to(tl.float32), a.to(tl.float32), do, p, ds
 
 
 @triton.jit
-def _agg_bwd(
-    A, K, V, B1, VA, DVA, LSE1, DK, DV, DA, DB1,
-    N, n_agents, n_heads, s1,
-    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
-    HAS_B1: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+def _bcast_bwd(
+    Q, A, VA, B2, O, DO, LSE2, DQ, DVA, DA,
+    N, n_agents, n_heads, s2, chunk,
+    sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
+    HAS_B2: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    """dQ per token block; dVA and dA summed over this program's token chunk on chip, then one atomic add."""
+    pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
-    rn = pid_n * BN + tl.arange(0, BN)
+    ra, rd = tl.arange(0, BA), tl.arange(0, BD)
+    dva = tl.zeros([BA, BD], tl.float32)
+    da = tl.zeros([BA, BD], tl.float32)
+    start = pid_s * chunk
+    stop = tl.minimum(start + chunk, N)
+    for m0 in range(start, stop, BM):
+        rm = m0 + tl.arange(0, BM)
+        q, a, do, p, ds = _bcast_tile(
+            Q, A, VA, B2, O, DO, LSE2, b, h, pid_bh, rm, N, n_agents, s2,
+            sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
+            HAS_B2=HAS_B2, D=D, BA=BA, BD=BD, PREC=PREC,
+        )
+        dq = tl.dot(ds, a, input_precision="ieee") * s2
+        tl.store(DQ + pid_bh * N * BD + rm[:, None] * BD + rd[None, :], dq, mask=(rm < stop)[:, None] & (rd < D)[None, :])
+        dva += tl.dot(tl.trans(p), do, input_precision="ieee")
+        da += tl.dot(tl.trans(ds), q, input_precision="ieee") * s2
+    ad = (ra < n_agents)[:, None] & (rd < D)[None, :]
+    tl.atomic_add(DVA + (pid_bh * BA + ra[:, None]) * BD + rd[None, :], dva, mask=ad)
+    tl.atomic_add(DA + (pid_bh * BA + ra[:, None]) * BD + rd[None, :], da, mask=ad)
+
+
+@triton.jit
+def _bias2_bwd(
+    Q, A, VA, B2, O, DO, LSE2, DB2,
+    N, n_agents, n_heads, s2, b_chunk, n_batch,
+    sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
+    D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
+):
+    """dB2 of one (token block, head), summed over this program's batch chunk on chip, then one atomic add."""
+    pid_m, h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    ra = tl.arange(0, BA)
+    db = tl.zeros([BM, BA], tl.float32)
+    for b in range(pid_b * b_chunk, tl.minimum(pid_b * b_chunk + b_chunk, n_batch)):
+        _q, _a, _do, _p, ds = _bcast_tile(
+            Q, A, VA, B2, O, DO, LSE2, b, h, b * n_heads + h, rm, N, n_agents, s2,
+            sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
+            HAS_B2=True, D=D, BA=BA, BD=BD, PREC=PREC,
+        )
+        db += ds
+    tl.atomic_add(DB2 + h * N * BA + rm[:, None] * BA + ra[None, :], db, mask=(rm < N)[:, None] & (ra < n_agents)[None, :])
+
+
+@triton.jit
+def _agg_tile(
+    A, K, V, B1, VA, DVA, LSE1, b, h, pid_bh, rn, N, n_agents, s1,
+    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
+    HAS_B1: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+):
+    """Recompute the aggregation stage of one token block: ``a, k, dVA`` (fp32), ``P1`` and ``dS1`` (``[BA, BN]``)."""
     ra, rd = tl.arange(0, BA), tl.arange(0, BD)
     n_mask, a_mask, d_mask = rn < N, ra < n_agents, rd < D
     nd = n_mask[:, None] & d_mask[None, :]
@@ -185,14 +224,58 @@ def _agg_bwd(
     dp = tl.dot(dva, tl.trans(v), input_precision="ieee")
     delta = tl.sum(dva * va, 1)
     ds = p * (dp - delta[:, None])
-    dk = tl.dot(tl.trans(ds), a.to(tl.float32), input_precision="ieee") * s1
-    dv = tl.dot(tl.trans(p), dva, input_precision="ieee")
-    tl.store(DK + pid_bh * N * BD + rn[:, None] * BD + rd[None, :], dk, mask=nd)
-    tl.store(DV + pid_bh * N * BD + rn[:, None] * BD + rd[None, :], dv, mask=nd)
-    da = tl.dot(ds, k.to(tl.float32), input_precision="ieee") * s1
-    tl.atomic_add(DA + (pid_bh * BA + ra[:, None]) * BD + rd[None, :], da, mask=a_mask[:, None] & d_mask[None, :])
-    if HAS_B1:
-        tl.atomic_add(DB1 + h * BA * N + ra[:, None] * N + rn[None, :], ds, mask=a_mask[:, None] & n_mask[None, :])
+    return a.to(tl.float32), k.to(tl.float32), dva, p, ds
+
+
+@triton.jit
+def _agg_bwd(
+    A, K, V, B1, VA, DVA, LSE1, DK, DV, DA,
+    N, n_agents, n_heads, s1, chunk,
+    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
+    HAS_B1: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """dK, dV per token block; dA summed over this program's token chunk on chip, then one atomic add."""
+    pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    ra, rd = tl.arange(0, BA), tl.arange(0, BD)
+    da = tl.zeros([BA, BD], tl.float32)
+    start = pid_s * chunk
+    stop = tl.minimum(start + chunk, N)
+    for n0 in range(start, stop, BN):
+        rn = n0 + tl.arange(0, BN)
+        a, k, dva, p, ds = _agg_tile(
+            A, K, V, B1, VA, DVA, LSE1, b, h, pid_bh, rn, N, n_agents, s1,
+            sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
+            HAS_B1=HAS_B1, D=D, BA=BA, BD=BD, PREC=PREC,
+        )
+        nd = (rn < stop)[:, None] & (rd < D)[None, :]
+        tl.store(DK + pid_bh * N * BD + rn[:, None] * BD + rd[None, :], tl.dot(tl.trans(ds), a, input_precision="ieee") * s1, mask=nd)
+        tl.store(DV + pid_bh * N * BD + rn[:, None] * BD + rd[None, :], tl.dot(tl.trans(p), dva, input_precision="ieee"), mask=nd)
+        da += tl.dot(ds, k, input_precision="ieee") * s1
+    tl.atomic_add(DA + (pid_bh * BA + ra[:, None]) * BD + rd[None, :], da, mask=(ra < n_agents)[:, None] & (rd < D)[None, :])
+
+
+@triton.jit
+def _bias1_bwd(
+    A, K, V, B1, VA, DVA, LSE1, DB1,
+    N, n_agents, n_heads, s1, b_chunk, n_batch,
+    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
+    D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    """dB1 of one (head, token block), summed over this program's batch chunk on chip, then one atomic add."""
+    pid_n, h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    ra = tl.arange(0, BA)
+    db = tl.zeros([BA, BN], tl.float32)
+    for b in range(pid_b * b_chunk, tl.minimum(pid_b * b_chunk + b_chunk, n_batch)):
+        _a, _k, _dva, _p, ds = _agg_tile(
+            A, K, V, B1, VA, DVA, LSE1, b, h, b * n_heads + h, rn, N, n_agents, s1,
+            sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
+            HAS_B1=True, D=D, BA=BA, BD=BD, PREC=PREC,
+        )
+        db += ds
+    tl.atomic_add(DB1 + h * BA * N + ra[:, None] * N + rn[None, :], db, mask=(ra < n_agents)[:, None] & (rn < N)[None, :])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -247,6 +330,12 @@ def _forward(q, k, v, agents, bias1, bias2, scale1, scale2):
     return o, va, lse1, lse2
 
 
+def _batch_splits(blocks: int, heads: int, batch: int, device) -> int:
+    """Split the batch loop of the bias-gradient kernels so that enough programs run."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return int(max(1, min(batch, triton.cdiv(2 * sms, max(blocks * heads, 1)))))
+
+
 def _backward(do, q, k, v, agents, bias1, bias2, scale1, scale2, o, va, lse1, lse2):
     B, H, N, D = q.shape
     n = agents.shape[2]
@@ -256,29 +345,50 @@ def _backward(do, q, k, v, agents, bias1, bias2, scale1, scale2, o, va, lse1, ls
     prec = _precision(q.dtype)
     dev, bh = q.device, B * H
     do = do.contiguous()
+    meta = dict(D=D, BA=BA, BD=BD, PREC=prec, num_warps=4)
+    qs, as_, os_ = q.stride()[:3], agents.stride()[:3], o.stride()[:3]
+    ks, vs = k.stride()[:3], v.stride()[:3]
+    b1s = (bias1.stride(0), bias1.stride(1)) if bias1 is not None else (0, 0)
+    b2s = (bias2.stride(0), bias2.stride(1)) if bias2 is not None else (0, 0)
+    b1, b2 = (bias1 if bias1 is not None else q), (bias2 if bias2 is not None else q)
+
     dq = torch.empty(bh, N, BD, device=dev, dtype=torch.float32)
     dva = torch.zeros(bh, BA, BD, device=dev, dtype=torch.float32)
     da = torch.zeros(bh, BA, BD, device=dev, dtype=torch.float32)
-    db2 = torch.zeros(H, N, BA, device=dev, dtype=torch.float32) if bias2 is not None else dva
-    b2 = bias2 if bias2 is not None else q
-    _bcast_bwd[(triton.cdiv(N, BM), bh)](
-        q, agents, va, b2, o, do, lse2, dq, dva, da, db2,
-        N, n, H, float(scale2),
-        *q.stride()[:3], *agents.stride()[:3], *o.stride()[:3],
-        b2.stride(0) if bias2 is not None else 0, b2.stride(1) if bias2 is not None else 0,
-        HAS_B2=bias2 is not None, D=D, BA=BA, BD=BD, BM=BM, PREC=prec, num_warps=4,
+    splits = _num_splits(bh, N, BM, dev)
+    chunk = triton.cdiv(triton.cdiv(N, splits), BM) * BM
+    _bcast_bwd[(bh, triton.cdiv(N, chunk))](
+        q, agents, va, b2, o, do, lse2, dq, dva, da, N, n, H, float(scale2), chunk, *qs, *as_, *os_, *b2s,
+        HAS_B2=bias2 is not None, BM=BM, **meta,
     )
+    db2 = None
+    if bias2 is not None:
+        db2 = torch.zeros(H, N, BA, device=dev, dtype=torch.float32)
+        blocks = triton.cdiv(N, BM)
+        bsplit = _batch_splits(blocks, H, B, dev)
+        b_chunk = triton.cdiv(B, bsplit)
+        _bias2_bwd[(blocks, H, triton.cdiv(B, b_chunk))](
+            q, agents, va, b2, o, do, lse2, db2, N, n, H, float(scale2), b_chunk, B, *qs, *as_, *os_, *b2s,
+            BM=BM, **meta,
+        )
     dk = torch.empty(bh, N, BD, device=dev, dtype=torch.float32)
     dv = torch.empty(bh, N, BD, device=dev, dtype=torch.float32)
-    db1 = torch.zeros(H, BA, N, device=dev, dtype=torch.float32) if bias1 is not None else dva
-    b1 = bias1 if bias1 is not None else q
-    _agg_bwd[(triton.cdiv(N, BN), bh)](
-        agents, k, v, b1, va, dva, lse1, dk, dv, da, db1,
-        N, n, H, float(scale1),
-        *agents.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        b1.stride(0) if bias1 is not None else 0, b1.stride(1) if bias1 is not None else 0,
-        HAS_B1=bias1 is not None, D=D, BA=BA, BD=BD, BN=BN, PREC=prec, num_warps=4,
+    splits = _num_splits(bh, N, BN, dev)
+    chunk = triton.cdiv(triton.cdiv(N, splits), BN) * BN
+    _agg_bwd[(bh, triton.cdiv(N, chunk))](
+        agents, k, v, b1, va, dva, lse1, dk, dv, da, N, n, H, float(scale1), chunk, *as_, *ks, *vs, *b1s,
+        HAS_B1=bias1 is not None, BN=BN, **meta,
     )
+    db1 = None
+    if bias1 is not None:
+        db1 = torch.zeros(H, BA, N, device=dev, dtype=torch.float32)
+        blocks = triton.cdiv(N, BN)
+        bsplit = _batch_splits(blocks, H, B, dev)
+        b_chunk = triton.cdiv(B, bsplit)
+        _bias1_bwd[(blocks, H, triton.cdiv(B, b_chunk))](
+            agents, k, v, b1, va, dva, lse1, db1, N, n, H, float(scale1), b_chunk, B, *as_, *ks, *vs, *b1s,
+            BN=BN, **meta,
+        )
 
     def shape(t, rows):
         return t[:, :rows, :D].reshape(B, H, rows, D)
