@@ -264,3 +264,16 @@ def test_empty_and_interpreter_dtype():
         b = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)
         with pytest.raises(ValueError, match="no bfloat16"):
             linear_attention_triton(b, b, b)
+
+
+def test_kernel_bench_smoke(tmp_path, capsys):
+    """The micro-benchmark runs end to end on tiny sizes and records every implementation and the floor ratios."""
+    from visionfx.bench_kernels import kernel_bench
+
+    rows = kernel_bench(tokens=(9,), heads=1, head_dim=16, dtype="fp32", device=DEVICE, configs=("slab",),
+                        warmup_ms=1, rep_ms=5, json_path=tmp_path / "k.json", progress=False)
+    (row,) = rows
+    for key in ("sdpa_fwd_ms", "reference_fwd_ms", "triton_fwd_ms", "triton_fwd_bwd_ms"):
+        assert row[key] is not None and row[key] > 0, (key, row["notes"])
+    assert row["x_floor_fwd"] == pytest.approx(row["triton_fwd_ms"] / row["floor_fwd_ms"])
+    assert (tmp_path / "k.json").exists() and "triton fwd" in capsys.readouterr().out

@@ -185,7 +185,8 @@ def kernel_bench(
             if why is None:
                 from visionfx.kernels.linear_attention.triton import linear_attention_triton as tri
             else:
-                row["notes"].append(f"triton: {why}")
+                hint = " (set TRITON_INTERPRET=1 for an interpreted smoke test)" if dev.type == "cpu" else ""
+                row["notes"].append(f"triton: {why}{hint}")
             impls = {"sdpa": _sdpa, "reference": linear_attention_reference, "triton": tri}
             for mode in ("fwd", "fwd_bwd") if backward else ("fwd",):
                 for name, fn in impls.items():
