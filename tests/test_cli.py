@@ -14,7 +14,7 @@ import visionfx.registry
 from visionfx.cli import main
 from visionfx.registry import list_adapters, list_methods, method_specs
 
-TINY = ["--model", "test_vit", "--sizes", "32", "--batch-size", "1", "--warmup", "0", "--repeat", "1",
+TINY = ["--model", "test_vit", "--device", "cpu", "--sizes", "32", "--batch-size", "1", "--warmup", "0", "--repeat", "1",
         "--no-progress"]
 
 
@@ -53,7 +53,9 @@ def test_list_reports_import_errors(capsys, monkeypatch):
 
 def test_bench_prints_table_and_writes_json(capsys, tmp_path):
     path = tmp_path / "out" / "bench.json"
-    assert main(["bench", *TINY, "--methods", "slab", "--json", str(path)]) == 0
+    threads = torch.get_num_threads()
+    assert main(["bench", *TINY, "--methods", "slab", "--threads", "1", "--json", str(path)]) == 0
+    assert torch.get_num_threads() == threads  # restored after the run
     out = capsys.readouterr().out
     table = out.splitlines()
     assert any(ln.split()[:3] == ["32", "5", "original"] for ln in table)  # 2x2 grid + CLS
@@ -72,6 +74,7 @@ def test_bench_prints_table_and_writes_json(capsys, tmp_path):
     for r in rows:
         assert r["error"] is None
         assert r["size"] == 32 and r["tokens"] == 5 and r["grid"] == [2, 2] and r["batch_size"] == 1
+        assert r["threads"] == 1 and r["dtype"] == "fp32" and r["device"] == "cpu" and r["compiled"] is False
         assert len(r["latencies_ms"]) == 1 and r["latency_ms"] == r["latencies_ms"][0] > 0
         assert r["images_per_s"] == pytest.approx(1e3 / r["latency_ms"])
     base, slab = rows
@@ -111,6 +114,7 @@ def test_bench_failing_method_is_a_row_not_a_crash(capsys, tmp_path):
         (["--sizes", "32,big"], "--sizes"),
         (["--sizes", "0"], "sizes must be positive"),
         (["--repeat", "0"], "repeat >= 1"),
+        (["--threads", "0"], "threads must be >= 1"),
         (["--dtype", "fp8"], "invalid choice"),
     ],
 )

@@ -249,6 +249,7 @@ def run_bench(
     repeat: int = DEFAULTS["repeat"],
     compile: bool = False,
     memory: bool = True,
+    threads: int | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Benchmark timm model ``model`` as it ships and patched with each of ``methods`` at each image size.
@@ -263,6 +264,8 @@ def run_bench(
         warmup, repeat: untimed and timed forwards per row (the median of the timed ones is reported).
         compile: run ``torch.compile(model)`` (compilation happens during warm-up).
         memory: measure peak memory (one extra untimed forward per row).
+        threads: CPU threads for the run (``torch.set_num_threads``; ``None`` keeps PyTorch's setting). On a CPU that
+            other processes share, fewer threads than cores avoids threads waiting on each other.
         progress: show a progress bar on stderr.
 
     Returns:
@@ -274,8 +277,6 @@ def run_bench(
     Raises:
         BenchError: bad arguments.
     """
-    from tqdm import tqdm
-
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     check_model_name(model)
     chosen = resolve_methods(methods)
@@ -284,9 +285,24 @@ def run_bench(
         raise BenchError(f"sizes must be positive integers, got {list(sizes)}")
     if batch_size < 1 or repeat < 1 or warmup < 0:
         raise BenchError(f"need batch_size >= 1, repeat >= 1, warmup >= 0; got {batch_size}, {repeat}, {warmup}")
-    _check_supported(model, chosen, sizes[0], dev, dt)
+    if threads is not None and threads < 1:
+        raise BenchError(f"threads must be >= 1, got {threads}")
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        _check_supported(model, chosen, sizes[0], dev, dt)
+        return _run_all(model, chosen, sizes, batch_size, dev, dt, dtype, warmup, repeat, compile, memory, progress)
+    finally:
+        torch.set_num_threads(threads_before)
 
-    common = {"model": model, "batch_size": batch_size, "device": str(dev), "dtype": dtype, "compiled": compile}
+
+def _run_all(model, chosen, sizes, batch_size, dev, dt, dtype, warmup, repeat, compile, memory, progress):
+    from tqdm import tqdm
+
+
+    common = {"model": model, "batch_size": batch_size, "device": str(dev), "dtype": dtype, "compiled": compile,
+              "threads": torch.get_num_threads()}
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(sizes) * (1 + len(chosen)), desc="visionfx bench", unit="run", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
@@ -420,7 +436,7 @@ def _version(module: str) -> str | None:
 
 
 def environment(device: str = "auto") -> dict[str, Any]:
-    """Versions, machine and commit, for the JSON record of a benchmark."""
+    """Versions, machine, load and commit, for the JSON record of a benchmark; call it before the run."""
     from visionfx import __version__
 
     dev = resolve_device(device)
@@ -436,7 +452,8 @@ def environment(device: str = "auto") -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
-        # other processes share the CPU: a high load average means slower, noisier timings for every row alike
+        # taken before the run (the run's own threads would count): a load near or above the CPU count means other
+        # processes share the CPU, and every row is slower and noisier
         "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),

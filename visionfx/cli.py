@@ -93,6 +93,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=d["warmup"], help=f"untimed forwards per row (default {d['warmup']})")
     p.add_argument("--repeat", type=int, default=d["repeat"],
                    help=f"timed forwards per row; the median is reported (default {d['repeat']})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: PyTorch's choice); 1 gives steadier numbers on a busy machine")
     p.add_argument("--compile", action="store_true", help="benchmark torch.compile(model)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory forward")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -106,19 +108,23 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     settings = {
         "model": args.model, "methods": args.methods, "sizes": args.sizes, "batch_size": args.batch_size,
         "device": args.device, "dtype": args.dtype, "warmup": args.warmup, "repeat": args.repeat,
-        "compile": args.compile, "memory": not args.no_memory,
+        "compile": args.compile, "memory": not args.no_memory, "threads": args.threads,
     }
     if args.kernels:
         return _run_kernel_bench(bench, args, settings)
     try:
+        env = bench.environment(args.device)
         rows = bench.run_bench(**settings, progress=not args.no_progress)
     except bench.BenchError as e:
         parser.error(str(e))
-    env = bench.environment(args.device)
+    threads = rows[0]["threads"]
     load = env["load_average_1_5_15min"]
     print(f"{args.model}, batch {args.batch_size}, {args.dtype} on {env['device_name']} ({env['device']}, "
-          f"{env['torch_threads']} threads{f', load {load[0]:.1f}' if load else ''})"
+          f"{threads} threads{f', load {load[0]:.1f}' if load else ''})"
           f"{', compiled' if args.compile else ''}; median of {args.repeat} after {args.warmup} warm-up")
+    if load and env["device"] == "cpu" and load[0] > (env["cpu_affinity"] or env["cpu_count"] or 1) - 0.5:
+        print(f"note: the CPU is busy (load {load[0]:.1f} on {env['cpu_affinity'] or env['cpu_count']} CPUs): other "
+              "processes slow every row and make timings noisy; try --threads 1 or an idle machine")
     print(bench.format_rows(rows))
     if args.json:
         methods = [r["method"] for r in rows if r["size"] == rows[0]["size"]][1:]
