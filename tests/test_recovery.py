@@ -248,6 +248,22 @@ def test_prepbn_explicit_steps_and_reparameterize():
     assert res.top1["final"] is not None
 
 
+def test_finetune_added_trains_only_added_parameters_and_keeps_caller_frozen_ones():
+    model, data = tiny_vit(), tiny_data()
+    model.head.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    distill(model, "agent", data, stage1_steps=0, stage2_steps=2, finetune="added", stage2_lr=1e-2, **SMALL)
+    changed = {k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])}
+    assert changed == set()  # host weights untouched
+    assert any(".vfx_" in k for k, v in model.state_dict().items() if k not in before and v.abs().sum() > 0)
+    assert model.head.weight.requires_grad is False and model.head.bias.requires_grad is True
+    model2 = tiny_vit()
+    model2.head.weight.requires_grad_(False)
+    before = model2.head.weight.clone()
+    distill(model2, "agent", data, stage1_steps=0, stage2_steps=2, stage2_lr=1e-2, **SMALL)
+    assert torch.equal(model2.head.weight, before) and not torch.equal(model2.head.bias, tiny_vit().head.bias)
+
+
 def test_unlabeled_data_distils_without_cross_entropy():
     model = tiny_vit()
     res = distill(model, "inline", tiny_data(labels=False), stage1_steps=1, stage2_steps=2,

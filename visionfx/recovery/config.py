@@ -182,8 +182,8 @@ class DistillConfig(Recipe):
         for name in ("stage1_warmup", "stage2_warmup", "label_smoothing", "mix_prob"):
             _check(isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) <= 1,
                    f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
-        _check(self.finetune in ("all", "added"),
-               f"finetune must be 'all' or 'added', got {self.finetune!r}{suggest(str(self.finetune), ['all', 'added'])}")
+        hint = suggest(str(self.finetune), ["all", "added"])
+        _check(self.finetune in ("all", "added"), f"finetune must be 'all' or 'added', got {self.finetune!r}{hint}")
         _check(self.mixed_precision in MIXED_PRECISION,
                f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
                f"{suggest(str(self.mixed_precision), MIXED_PRECISION)}")

@@ -267,7 +267,8 @@ class FolderSource:
     """A split streamed from a folder ``<split>/<class>/<image>`` (torchvision ``ImageFolder``), decoded to uint8
     ``[3, S, S]`` (shorter side resized to ``image_size``, centre crop) by ``workers`` CPU processes."""
 
-    def __init__(self, root: str | os.PathLike, image_size: int, workers: int = 8, classes: Sequence[str] | None = None):
+    def __init__(self, root: str | os.PathLike, image_size: int, workers: int = 8,
+                 classes: Sequence[str] | None = None):
         from torchvision import datasets, transforms
 
         tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),

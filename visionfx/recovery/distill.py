@@ -79,7 +79,8 @@ def resolve_method(method, prepbn_steps: int | None = None, default_prepbn_steps
     # the schedule counts training forwards of stage 2, so its natural length is only known here
     if issubclass(cls, PRepBNConfig) and (prepbn_steps or data.get("total_steps") is None):
         data["total_steps"] = prepbn_steps or data.get("total_steps") or default_prepbn_steps
-    elif "prepbn_steps" in names and data.get("norm") == "prepbn" and (prepbn_steps or data.get("prepbn_steps") is None):
+    elif "prepbn_steps" in names and data.get("norm") == "prepbn" and (prepbn_steps or
+                                                                     data.get("prepbn_steps") is None):
         data["prepbn_steps"] = prepbn_steps or data.get("prepbn_steps") or default_prepbn_steps
     return config_from_dict(data)
 
@@ -252,6 +253,7 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
     if resume and found is None:
         raise FileNotFoundError(f"resume=True: no checkpoint under {output_dir / 'checkpoints'}")
 
+    trainable_before = {id(p): p.requires_grad for p in model.parameters()}
     # the teacher: the model as it is now, without the patch
     if visionfx.is_patched(model):
         if method_or_config is not None:
@@ -263,7 +265,6 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
         visionfx.patch(model, method, adapter=_adapter_for(model, method))
     teacher = freeze_teacher(teacher).to(acc.device)
     model.to(acc.device)
-    trainable_before = {id(p): p.requires_grad for p in model.parameters()}
 
     method_name = type(visionfx.get_config(model)).method
     meta = {"method": method_name, "method_config": _method_dict(model), "distill_config": cfg.to_dict(),
@@ -309,12 +310,11 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
 
     # --- stage 2: fine-tuning with distillation ----------------------------------------------------------------------
     if cfg.stage2_steps > 0:
-        for p in model.parameters():
-            added = id(p) not in trainable_before  # created by the patch
+        for n, p in model.named_parameters():
+            added = id(p) not in trainable_before or _is_added(n)  # created by the patch
             p.requires_grad_(added or (cfg.finetune == "all" and trainable_before[id(p)]))
         model.train()
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and
-                 (cfg.finetune == "all" or any(s.startswith("vfx_") for s in n.split(".")))]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         opt, sched = _optimiser(named, cfg.stage2_lr, cfg.stage2_weight_decay, cfg.stage2_warmup, cfg.stage2_steps,
                                 cfg.stage2_added_lr_mult)
         model_p, opt, sched = acc.prepare(model, opt, sched)
@@ -359,6 +359,10 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
     log.write(acc)
     acc.wait_for_everyone()
     return DistillResult(model, top1, log.data, output_dir)
+
+
+def _is_added(name: str) -> bool:
+    return any(part.startswith("vfx_") for part in name.split("."))
 
 
 def _release(acc, model_p) -> nn.Module:

@@ -208,7 +208,8 @@ def train_reference(config: TrainConfig, data: ImageData, output_dir: str | os.P
             loss_sum, n_loss = None, 0
         if eval_every and step % eval_every == 0 and step < total:
             clock.stop()
-            log.eval("train", step, evaluate(model_p, data.eval, augment.normalize, acc, config.eval_batch_size))
+            top1 = evaluate(acc.unwrap_model(model_p), data.eval, augment.normalize, acc, config.eval_batch_size)
+            log.eval("train", step, top1)
             log.write(acc)
             clock.start()
         bar.update(1)
