@@ -44,6 +44,11 @@ __all__ = [
     "image_spans",
     "shrink_placeholders",
     "call_kwargs",
+    "PromptState",
+    "prompt_state",
+    "is_prefill",
+    "layer_hidden",
+    "with_layer_hidden",
 ]
 
 _FAMILIES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
@@ -190,6 +195,78 @@ def shrink_placeholders(
     if attention_mask is None and bool(out_mask.all()):
         out_mask = None
     return out_ids, out_mask, out_lab
+
+
+@dataclass
+class PromptState:
+    """Token bookkeeping of one LLM forward, captured before the LLM runs (tensor coordinates, left padding included).
+
+    Attributes:
+        image: ``[B, L]`` bool, image placeholder positions (newline placeholders of LLaVA-NeXT included).
+        valid: ``[B, L]`` bool, non-padding positions.
+        prompt_length: P; positions ``>= P`` are tokens generated so far (generation without a cache re-runs them).
+        last_image: ``[B]`` long, position of each row's last image token, -1 for rows without one.
+        prefill: whether this forward starts a sequence (empty cache); otherwise it is a decoding step.
+    """
+
+    image: torch.Tensor
+    valid: torch.Tensor
+    prompt_length: int
+    last_image: torch.Tensor
+    prefill: bool
+
+    @property
+    def length(self) -> int:
+        return self.image.shape[1]
+
+    @property
+    def has_image(self) -> torch.Tensor:
+        return self.last_image >= 0
+
+
+def is_prefill(past_key_values) -> bool:
+    """Whether a forward with this cache starts a sequence (no cache, or an empty one)."""
+    return past_key_values is None or int(past_key_values.get_seq_length()) == 0
+
+
+def prompt_state(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, image_token_id: int,
+                 image_mask: torch.Tensor | None = None, length: int | None = None, prompt_length: int | None = None,
+                 prefill: bool = True) -> PromptState:
+    """A :class:`PromptState` from a forward's ``input_ids [B, L]`` (or a caller's ``image_mask [B, L']`` when only
+    embeddings are given; ``L' < L`` is padded with False) and its 2-D ``attention_mask`` (``None``: no padding)."""
+    if input_ids is not None:
+        image = input_ids == image_token_id
+    elif image_mask is not None:
+        image = image_mask.to(torch.bool)
+        if length is not None and image.shape[1] < length:
+            image = torch.nn.functional.pad(image, (0, length - image.shape[1]))
+    else:
+        raise ValueError("the image positions are needed but only inputs_embeds were given: pass image_mask=[B, L] "
+                         "(True at image placeholder positions) to the call")
+    B, L = image.shape
+    if attention_mask is None:
+        valid = torch.ones_like(image)
+    elif attention_mask.dim() != 2:
+        raise ValueError(f"a 2-D attention_mask [B, L] is needed, got shape {tuple(attention_mask.shape)}")
+    else:
+        valid = attention_mask[:, -L:].to(torch.bool).to(image.device)
+    pos = torch.arange(L, device=image.device).expand(B, L)
+    P = L if prompt_length is None else min(int(prompt_length), L)
+    image = image & (pos < P)  # generated tokens are never image tokens
+    last = torch.where(image, pos, torch.full_like(pos, -1)).amax(1)
+    return PromptState(image=image, valid=valid, prompt_length=P, last_image=last, prefill=prefill)
+
+
+def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The ``hidden_states`` a decoder layer is called with (pre-hook ``args``/``kwargs``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_layer_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """Pre-hook ``(args, kwargs)`` with the decoder layer's ``hidden_states`` replaced."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 @dataclass
@@ -374,7 +451,22 @@ class LlavaHandle:
             self.parts.model.set_attn_implementation(self._attn_saved)
             self._attn_saved = None
 
+    def watch_inner(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``fn(kwargs)`` before every forward of the inner ``LlavaModel`` (the text model's inputs are known
+        there: ``input_ids``, ``attention_mask``, ``past_key_values``, ...), with every argument as a keyword."""
+        signature = inspect.signature(self.parts.inner.forward)
+
+        def hook(module, args, kwargs):
+            fn(call_kwargs(signature, args, kwargs))
+            return None
+
+        self.pre_hook(self.parts.inner, hook)
+
     # --- entry points ------------------------------------------------------------------------------------------
+    def finish(self, output, entry: str):
+        """Post-process what the original ``entry`` returned (inside :meth:`call_scope`); identity by default."""
+        return output
+
     @contextlib.contextmanager
     def call_scope(self, kwargs: dict[str, Any], entry: str) -> Iterator[dict[str, Any]]:
         """Yield the kwargs the original ``entry`` (``"forward"`` or ``"generate"``) runs with; the default changes
@@ -389,7 +481,7 @@ class LlavaHandle:
 
 def _forward_entry(handle: LlavaHandle, original, signature, args, kwargs):
     with handle.call_scope(call_kwargs(signature, args, kwargs), "forward") as new:
-        return original(**new)
+        return handle.finish(original(**new), "forward")
 
 
 def _generate_entry(handle: LlavaHandle, original, signature, args, kwargs):
@@ -399,7 +491,7 @@ def _generate_entry(handle: LlavaHandle, original, signature, args, kwargs):
     prompt = kw.get("input_ids")
     with handle.call_scope(kw, "generate") as new:
         shrunk = new.get("input_ids")
-        out = original(**new)
+        out = handle.finish(original(**new), "generate")
     if prompt is None or shrunk is prompt:
         return out
     # The caller's prompt (as given) followed by the new tokens, so out[:, input_ids.shape[1]:] keeps working.

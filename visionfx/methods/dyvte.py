@@ -1,0 +1,640 @@
+"""DyVTE: drop every visual token from the LLM after the layer where a learned router says the image is used up.
+
+Paper: "Dynamic Visual-Token Exit" (arXiv 2411.19628, NeurIPS 2025); MLLM.md §2. One router per decoder layer ℓ,
+Router(x) = W2·GELU(W1·x) (no biases), reads ``concat(mean of the text after the last image token excluding the final
+prompt position, final prompt position)`` of layer ℓ's output during prefill; a sample exits at ℓ iff
+P(exit) > threshold (0.5: the strict ``logit_exit > logit_keep`` of the official code). From layer ℓ+1 on its image
+positions are gone from hidden states, keys/values, queries, RoPE tables and masks; text keeps its original positions.
+
+How it runs (hooks only, patches/llava.py holds the bookkeeping):
+- a pre-hook on ``LlavaModel`` records the image span, padding and prompt length of each forward (prefill = empty
+  cache); a forward hook on each decoder layer ℓ ≤ L−2 evaluates the routers of the samples still running;
+- a pre-hook (``with_kwargs=True``) on each decoder layer compacts, once every sample has exited: it gathers the
+  hidden states (first compacted layer), ``cos``/``sin`` and the mask (eager float, SDPA bool, FlashAttention 2-D,
+  ``None`` stays ``None``) at the kept positions and passes ``position_ids=None``; in decoding it gathers the mask
+  columns ``kept ∪ [L0, total)``, since transformers sizes every mask from cache layer 0;
+- ``batch_policy="exact"``: while only some samples have exited, a virtual-exit mask hides the image keys from their
+  text queries (image query rows stay unrestricted), in prefill and decoding; ``"last"`` waits for the last sample.
+
+Decisions the docs leave open:
+- Rows without image tokens count as exited before layer 0 (nothing to remove); a batch without any image token
+  passes through untouched. Images given without any image token, or ``inputs_embeds`` without ``image_mask=``, raise.
+- ``handle.exit_layers[b]`` is the layer after which sample b exited; L−1 means it ran the full model, -1 that it had
+  no image. ``handle.forced_exits`` (an int or one value per sample) overrides the routers for analysis;
+  ``handle.compaction = False`` keeps full-length tensors and uses the virtual-exit mask everywhere.
+- With different image-token counts per row, compaction left-pads rows to the longest kept length with slots that no
+  query may attend to (``handle.kept_positions`` holds -1 there).
+- Router features are computed over the prompt only (the generate wrapper records its length), so generation without
+  a cache, which re-runs the prompt each step, makes the same decisions. Router features are detached, in the LLM dtype
+  (the text mean is accumulated in fp32), cast to the routers' dtype.
+- On install the base model is frozen (only the routers are trainable); ``remove()`` restores every ``requires_grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from visionfx.config import MethodConfig
+from visionfx.patches.llava import (LlavaHandle, LlavaParts, PromptState, check_left_padding, get_handle, is_prefill,
+                                    layer_hidden, prompt_state, with_layer_hidden)
+from visionfx.registry import MethodSpec
+
+__all__ = ["DyVTEConfig", "Router", "DyVTEHandle", "router_features", "exit_decision", "block_mask", "save_routers",
+           "load_routers", "routers_from_official", "install", "ROUTERS_NAME"]
+
+POLICIES = ("exact", "last")
+ROUTERS_NAME = "dyvte_routers.safetensors"
+ROUTERS_CONFIG = "visionfx_config.json"
+ROUTERS_FORMAT = 1
+FEATURE = "mean(text after last image, excl. final) || final prompt token"
+
+
+@dataclass(frozen=True)
+class DyVTEConfig(MethodConfig):
+    """DyVTE visual-token exit.
+
+    Attributes:
+        routers: directory of a router checkpoint (:func:`save_routers`); ``None``: fresh Xavier-initialised routers.
+        threshold: a sample exits when P(exit) > threshold (0.5 is the official strict argmax).
+        exit_layer: force every sample with an image to exit after this layer (analysis, benchmarks); ``None``: routers.
+        batch_policy: ``"exact"`` (virtual exit per sample, compaction once all have exited) or ``"last"`` (the batch
+            exits with its last sample, compaction only; FlashAttention-compatible, not exact).
+        router_hidden: router width (2048 officially).
+        prompt_template: name/text of the chat template the routers were trained with (checked against checkpoints).
+    """
+
+    method = "dyvte"
+    routers: str | None = None
+    threshold: float = 0.5
+    exit_layer: int | None = None
+    batch_policy: str = "exact"
+    router_hidden: int = 2048
+    prompt_template: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.layers is not None:
+            raise ValueError("dyvte decides per layer at run time and patches no chosen layers; use exit_layer to "
+                             "force an exit")
+        if self.routers is not None:
+            if not isinstance(self.routers, (str, os.PathLike)):
+                raise ValueError(f"dyvte: routers must be a directory path or None, got {self.routers!r}")
+            object.__setattr__(self, "routers", os.fspath(self.routers))
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real) \
+                or not 0 < self.threshold < 1:
+            raise ValueError(f"dyvte: threshold is a probability in (0, 1), got {self.threshold!r}")
+        if self.exit_layer is not None and (isinstance(self.exit_layer, bool) or not isinstance(
+                self.exit_layer, numbers.Integral) or self.exit_layer < 0):
+            raise ValueError(f"dyvte: exit_layer must be a non-negative layer index or None, got {self.exit_layer!r}")
+        if self.batch_policy not in POLICIES:
+            raise ValueError(f"dyvte: batch_policy must be one of {POLICIES}, got {self.batch_policy!r}")
+        if isinstance(self.router_hidden, bool) or not isinstance(self.router_hidden, numbers.Integral) \
+                or self.router_hidden < 1:
+            raise ValueError(f"dyvte: router_hidden must be a positive int, got {self.router_hidden!r}")
+
+
+class Router(nn.Module):
+    """``[..., 2D] -> [..., 2]`` logits (index 0 keep, 1 exit): W2·GELU(W1·x), no biases, exact-erf GELU."""
+
+    def __init__(self, dim: int, hidden: int = 2048, device=None, dtype=None):
+        super().__init__()
+        self.w1 = nn.Linear(2 * dim, hidden, bias=False, device=device, dtype=dtype)
+        self.act = nn.GELU()
+        self.w2 = nn.Linear(hidden, 2, bias=False, device=device, dtype=dtype)
+        nn.init.xavier_uniform_(self.w1.weight)
+        nn.init.xavier_uniform_(self.w2.weight)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(feat.to(self.w1.weight.dtype))))
+
+
+def router_features(hidden: torch.Tensor, image: torch.Tensor, valid: torch.Tensor,
+                    end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router input of each sample (§2.2).
+
+    Args:
+        hidden: ``[B, L, D]`` a decoder layer's output.
+        image: ``[B, L]`` bool image positions; valid: ``[B, L]`` bool non-padding positions.
+        end: ``[B]`` long, the final prompt position of each sample.
+
+    Returns:
+        ``(feat [B, 2D] detached in hidden's dtype, defined [B] bool)``: ``feat = concat(mean of hidden over valid
+        positions strictly between the last image token and end, hidden[end])``; ``defined`` is False where that span
+        is empty (the mean is then 0).
+    """
+    B, L, D = hidden.shape
+    h = hidden.detach()
+    pos = torch.arange(L, device=h.device).expand(B, L)
+    last_img = torch.where(image, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
+    span = (pos > last_img) & (pos < end[:, None]) & valid
+    count = span.sum(1)
+    mean = (h.float() * span[..., None]).sum(1) / count.clamp(min=1)[:, None]
+    last = h.gather(1, end.view(B, 1, 1).expand(B, 1, D)).squeeze(1)
+    return torch.cat([mean.to(h.dtype), last], dim=-1), count > 0
+
+
+def exit_decision(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """``[B, 2]`` router logits -> ``[B]`` bool: softmax P(exit) > threshold, i.e. ``logit_exit - logit_keep >
+    log(t / (1 - t))`` (strictly; 0 at t = 0.5, the official argmax)."""
+    margin = 0.0 if threshold == 0.5 else math.log(threshold) - math.log1p(-threshold)
+    return (logits[..., 1] - logits[..., 0]).float() > margin
+
+
+def block_mask(image: torch.Tensor, exited: torch.Tensor, q_len: int) -> torch.Tensor:
+    """``[B, 1, Q, S]`` bool, True where the virtual exit forbids attention: image keys for non-image queries of
+    exited samples. ``image [B, S]`` over the keys (queries are the last ``q_len`` positions), ``exited [B]`` bool."""
+    q_img = image[:, image.shape[1] - q_len:]
+    return image[:, None, None, :] & ~q_img[:, None, :, None] & exited[:, None, None, None]
+
+
+def _to_format(allowed: torch.Tensor, float_dtype: torch.dtype | None) -> torch.Tensor:
+    if float_dtype is None:
+        return allowed
+    return torch.zeros((), dtype=float_dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(
+        float_dtype).min).expand(allowed.shape).contiguous()
+
+
+def apply_block(mask: torch.Tensor | None, block: torch.Tensor, float_dtype: torch.dtype | None) -> torch.Tensor:
+    """The 4-D ``mask`` (additive float or bool; ``None`` = causal) with ``block [B, 1, Q, S]`` forbidden.
+    ``float_dtype``: the format to build when ``mask`` is ``None`` (``None``: bool, as SDPA takes)."""
+    B, _, Q, S = block.shape
+    if mask is None:
+        causal = (torch.arange(Q, device=block.device)[:, None] + (S - Q)) >= torch.arange(S, device=block.device)
+        return _to_format(causal.expand(B, 1, Q, S) & ~block, float_dtype)
+    if mask.dim() != 4:
+        raise NotImplementedError("the DyVTE virtual exit needs a 4-D attention mask (eager or SDPA); FlashAttention "
+                                  "cannot express per-sample columns: use batch_policy='last' or batch size 1")
+    m = mask.expand(B, mask.shape[1], Q, S)
+    if m.dtype == torch.bool:
+        return m & ~block
+    return m.masked_fill(block, torch.finfo(m.dtype).min)
+
+
+def _gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t [B or 1, L, ...]`` gathered along dim 1 at ``idx [B, M]``."""
+    t = t.expand(idx.shape[0], *t.shape[1:])
+    shape = (*idx.shape, *t.shape[2:])
+    return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(shape))
+
+
+def gather_mask(mask, rows: torch.Tensor | None, cols: torch.Tensor, col_valid: torch.Tensor | None,
+                float_dtype: torch.dtype | None):
+    """A mask restricted to query ``rows [B, Mq]`` (``None``: all) and key ``cols [B, Mk]``, with the columns where
+    ``col_valid [B, Mk]`` is False forbidden. 4-D float/bool, 2-D (FlashAttention) or ``None`` (causal, no padding)."""
+    B, Mk = cols.shape
+    if mask is None:
+        if col_valid is None:
+            return None
+        if float_dtype == "2d":
+            return col_valid.long()
+        Mq = rows.shape[1] if rows is not None else 1
+        causal = (torch.arange(Mq, device=cols.device)[:, None] + (Mk - Mq)) >= torch.arange(Mk, device=cols.device)
+        return _to_format(causal.expand(B, 1, Mq, Mk) & col_valid[:, None, None, :], float_dtype)
+    if mask.dim() == 2:
+        m = mask.gather(1, cols.to(mask.device))
+        return m if col_valid is None else m * col_valid.to(m.dtype)
+    m = mask.expand(B, *mask.shape[1:])
+    if rows is not None:
+        m = m.gather(2, rows[:, None, :, None].expand(B, m.shape[1], rows.shape[1], m.shape[3]))
+    m = m.gather(3, cols[:, None, None, :].expand(B, m.shape[1], m.shape[2], Mk))
+    if col_valid is not None:
+        bad = ~col_valid[:, None, None, :]
+        m = m & ~bad if m.dtype == torch.bool else m.masked_fill(bad, torch.finfo(m.dtype).min)
+    return m
+
+
+@dataclass
+class _Sequence:
+    """What the last prefill decided (kept for its decoding steps)."""
+
+    state: PromptState
+    exits: torch.Tensor  # [B] long
+    keep: torch.Tensor  # [B, M] gather indices
+    slot_valid: torch.Tensor | None  # [B, M] bool, None when every slot is real
+    routed: bool
+    compact_from: int | None = None
+
+
+@dataclass
+class _Step:
+    prefill: bool
+    total: int
+    float_dtype: Any
+    gathered: bool = False
+    cache: dict = field(default_factory=dict)
+
+
+class _LayerPreHook:
+    def __init__(self, handle: "DyVTEHandle", index: int):
+        self.handle, self.index = handle, index
+
+    def __call__(self, module, args, kwargs):
+        return self.handle._before_layer(self.index, args, kwargs)
+
+
+class _RouterHook:
+    def __init__(self, handle: "DyVTEHandle", index: int):
+        self.handle, self.index = handle, index
+
+    def __call__(self, module, args, kwargs, output):
+        self.handle._after_layer(self.index, output)
+        return None
+
+
+def _check_not_compiling():
+    if torch.compiler.is_compiling():
+        raise RuntimeError("DyVTE makes data-dependent decisions in hooks and does not support torch.compile")
+
+
+class DyVTEHandle(LlavaHandle):
+    """A DyVTE patch on one LLaVA model.
+
+    Attributes:
+        routers: ``nn.ModuleList`` of L :class:`Router` (registered on the model as ``vfx_routers``).
+        exit_layers: ``[B]`` exit layer per sample of the last prefill (L−1: full model, -1: no image).
+        compact_from: first physically compacted layer of the last prefill, or ``None``.
+        kept_positions: ``[B, M]`` original positions of the compacted sequence (-1 at padding slots), or ``None``.
+        forced_exits: ``None``, an int or one exit layer per sample, overriding the routers (analysis).
+        compaction: ``False`` keeps full-length tensors and uses the virtual exit mask everywhere (analysis).
+    """
+
+    def __init__(self, parts: LlavaParts, config: DyVTEConfig):
+        super().__init__(parts, config)
+        self.num_layers = len(parts.llm_layers)
+        self.hidden_size = int(parts.config.text_config.hidden_size)
+        if config.exit_layer is not None and config.exit_layer >= self.num_layers:
+            raise ValueError(f"dyvte: exit_layer={config.exit_layer} out of range for a {self.num_layers}-layer LLM")
+        self.routers: nn.ModuleList | None = None
+        self.forced_exits = config.exit_layer
+        self.compaction = True
+        self.enabled = True
+        self.exit_layers = self.compact_from = self.kept_positions = None
+        self._seq: _Sequence | None = None
+        self._step: _Step | None = None
+        self._prompt_length = self._image_mask = None
+        self._restore = False
+        self._grad_flags: dict | None = None
+        self._warned = False
+
+    # --- install / remove ----------------------------------------------------------------------------------------
+    def install(self) -> None:
+        parts = self.parts
+        if "vfx_routers" in parts.model._modules:
+            raise RuntimeError("the model already holds vfx_routers; unpatch first")
+        routers = []
+        for layer in parts.llm_layers:
+            p = next(layer.parameters())
+            routers.append(Router(self.hidden_size, self.config.router_hidden, device=p.device, dtype=p.dtype))
+        self._grad_flags = {n: p.requires_grad for n, p in parts.model.named_parameters()}
+        parts.model.requires_grad_(False)
+        self.routers = nn.ModuleList(routers)
+        parts.model.add_module("vfx_routers", self.routers)
+        if self.config.routers is not None:
+            load_routers(self, self.config.routers)
+        self.watch_inner(self._on_inner)
+        for i, layer in enumerate(parts.llm_layers):
+            self.pre_hook(layer, _LayerPreHook(self, i))
+            if i < self.num_layers - 1:
+                self.forward_hook(layer, _RouterHook(self, i))
+        self.wrap_entry_points()
+
+    def remove(self) -> None:
+        super().remove()
+        model = self.parts.model
+        if model._modules.get("vfx_routers") is self.routers and self.routers is not None:
+            del model._modules["vfx_routers"]
+        if self._grad_flags is not None:
+            for n, p in model.named_parameters():
+                if n in self._grad_flags:
+                    p.requires_grad_(self._grad_flags[n])
+            self._grad_flags = None
+        self._seq = self._step = None
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the model unpatched inside this block (router training uses it)."""
+        saved, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = saved
+
+    # --- entry points --------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def call_scope(self, kwargs: dict[str, Any], entry: str) -> Iterator[dict[str, Any]]:
+        kw = dict(kwargs)
+        restore = bool(kw.pop("restore_length", False)) if entry == "forward" else False
+        image_mask = kw.pop("image_mask", None)
+        if not self.enabled:
+            yield kw
+            return
+        images = kw.get("pixel_values") is not None or kw.get("mm_encoder_outputs") is not None
+        if kw.get("labels") is not None and (images or image_mask is not None):
+            raise NotImplementedError("DyVTE is inference-only: labels/loss are not supported while visual tokens "
+                                      "may be removed; train routers with visionfx.methods.dyvte_train.train_routers")
+        check_left_padding(kw.get("attention_mask"))
+        if entry == "generate":
+            self._check_generate(kw)
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        saved = (self._prompt_length, self._image_mask, self._restore)
+        ref = ids if ids is not None else embeds
+        self._prompt_length = ref.shape[1] if entry == "generate" and ref is not None else None
+        self._image_mask, self._restore = image_mask, restore
+        try:
+            yield kw
+        finally:
+            self._prompt_length, self._image_mask, self._restore = saved
+
+    def _check_generate(self, kw: dict[str, Any]) -> None:
+        gen = kw.get("generation_config") or getattr(self.parts.model, "generation_config", None)
+        beams = kw.get("num_beams", getattr(gen, "num_beams", 1)) or 1
+        if int(beams) > 1:
+            raise NotImplementedError("DyVTE does not support beam search (per-layer compacted caches cannot be "
+                                      "reordered safely); use greedy or sampling with num_beams=1")
+        impl = kw.get("cache_implementation", getattr(gen, "cache_implementation", None))
+        if impl not in (None, "dynamic"):
+            raise NotImplementedError(f"DyVTE needs a dynamic cache (layers hold different lengths); got "
+                                      f"cache_implementation={impl!r}")
+
+    def finish(self, output, entry: str):
+        seq = self._seq
+        if entry != "forward" or not self._restore or seq is None or seq.compact_from is None:
+            return output
+        logits = getattr(output, "logits", None)
+        if logits is None or logits.shape[1] != seq.keep.shape[1]:
+            return output
+        full = logits.new_zeros(logits.shape[0], seq.state.length, logits.shape[2])
+        pos = self.kept_positions
+        real = pos >= 0
+        full[real.nonzero(as_tuple=True)[0], pos[real]] = logits[real]
+        output.logits = full
+        return output
+
+    # --- per forward ---------------------------------------------------------------------------------------------
+    def _on_inner(self, kw: dict[str, Any]) -> None:
+        self._step = None
+        if not self.enabled:
+            return
+        _check_not_compiling()
+        pkv = kw.get("past_key_values")
+        if pkv is not None and getattr(pkv, "is_compileable", False):
+            raise NotImplementedError(f"DyVTE does not support {type(pkv).__name__} (static caches): layers hold "
+                                      "different lengths after the exit; use the default DynamicCache")
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        length = (ids if ids is not None else embeds).shape[1]
+        mask = kw.get("attention_mask")
+        impl = self.parts.config.text_config._attn_implementation or "eager"
+        float_dtype = "2d" if impl.startswith("flash") else (None if impl in ("sdpa",) else self._llm_dtype())
+        if not is_prefill(pkv):
+            if self._seq is None:
+                return
+            self._step = _Step(prefill=False, total=int(pkv.get_seq_length()) + length, float_dtype=float_dtype)
+            return
+        self._seq = None
+        self.exit_layers = self.compact_from = self.kept_positions = None
+        images = kw.get("pixel_values") is not None or kw.get("mm_encoder_outputs") is not None
+        st = prompt_state(ids, mask, self.parts.image_token_id, self._image_mask, length, self._prompt_length)
+        has = st.has_image
+        if not bool(has.any()):
+            if images:
+                raise ValueError(f"images were given but the prompt holds no image token (id "
+                                 f"{self.parts.image_token_id}); build the prompt with the processor")
+            return
+        check_left_padding(mask)
+        B = has.shape[0]
+        if impl == "flex_attention":
+            raise NotImplementedError("DyVTE supports eager, SDPA and FlashAttention text models, not flex_attention")
+        if float_dtype == "2d" and self.config.batch_policy == "exact" and B > 1:
+            raise NotImplementedError("FlashAttention cannot express per-sample exits: use batch_policy='last' or "
+                                      "batch size 1")
+        exits = torch.full((B,), self.num_layers - 1, dtype=torch.long, device=has.device)
+        forced = self._forced(B, has.device)
+        if forced is not None:
+            exits = forced.clone()
+        exits[~has] = -1
+        keep, slot_valid = _keep_indices(st.image)
+        self._seq = _Sequence(state=st, exits=exits, keep=keep, slot_valid=slot_valid, routed=forced is None)
+        self.exit_layers = exits
+        self._step = _Step(prefill=True, total=length, float_dtype=float_dtype)
+
+    def _llm_dtype(self) -> torch.dtype:
+        return next(self.parts.llm_layers[0].parameters()).dtype
+
+    def _forced(self, B: int, device) -> torch.Tensor | None:
+        f = self.forced_exits
+        if f is None:
+            return None
+        vals = [int(f)] * B if isinstance(f, numbers.Integral) else [int(v) for v in f]
+        if len(vals) != B or any(not 0 <= v < self.num_layers for v in vals):
+            raise ValueError(f"forced_exits={f!r} must be one layer in [0, {self.num_layers - 1}] or one per sample "
+                             f"(batch of {B})")
+        return torch.tensor(vals, dtype=torch.long, device=device)
+
+    # --- per layer -----------------------------------------------------------------------------------------------
+    def _before_layer(self, index: int, args: tuple, kwargs: dict):
+        step, seq = self._step, self._seq
+        if step is None or seq is None:
+            return None
+        _check_not_compiling()
+        exited = seq.exits < index
+        if step.prefill and self.compaction and bool(exited.all()):
+            if seq.compact_from is None:
+                seq.compact_from = self.compact_from = index
+                self.kept_positions = seq.keep if seq.slot_valid is None else seq.keep.masked_fill(~seq.slot_valid, -1)
+            return self._compact_prefill(step, seq, args, kwargs)
+        if not step.prefill and seq.compact_from is not None and index >= seq.compact_from:
+            return self._compact_decode(step, seq, args, kwargs)
+        virtual = exited & seq.state.has_image
+        if self.config.batch_policy == "exact" and bool(virtual.any()):
+            key = ("virtual", tuple(virtual.tolist()))
+            cache = step.cache
+            if key not in cache:
+                image = seq.state.image
+                if step.total > image.shape[1]:
+                    image = torch.nn.functional.pad(image, (0, step.total - image.shape[1]))
+                q_len = layer_hidden(args, kwargs).shape[1]
+                fd = step.float_dtype if step.float_dtype != "2d" else None
+                cache[key] = apply_block(kwargs.get("attention_mask"), block_mask(image, virtual, q_len), fd)
+            return args, {**kwargs, "attention_mask": cache[key]}
+        return None
+
+    def _compact_prefill(self, step: _Step, seq: _Sequence, args: tuple, kwargs: dict):
+        keep = seq.keep
+        if not step.gathered:
+            args, kwargs = with_layer_hidden(args, kwargs, _gather_seq(layer_hidden(args, kwargs), keep))
+            step.gathered = True
+        cache = step.cache
+        if "mask" not in cache:
+            cos, sin = kwargs["position_embeddings"]
+            cache["pe"] = (_gather_seq(cos, keep), _gather_seq(sin, keep))
+            cache["mask"] = gather_mask(kwargs.get("attention_mask"), keep, keep, seq.slot_valid, step.float_dtype)
+        new = {**kwargs, "attention_mask": cache["mask"], "position_embeddings": cache["pe"], "position_ids": None}
+        if kwargs.get("cache_position") is not None:  # transformers 4.x; only static caches read it
+            new["cache_position"] = torch.arange(keep.shape[1], device=keep.device)
+        return args, new
+
+    def _compact_decode(self, step: _Step, seq: _Sequence, args: tuple, kwargs: dict):
+        cache = step.cache
+        if "mask" not in cache:
+            keep, L0 = seq.keep, seq.state.length
+            B = keep.shape[0]
+            new = torch.arange(L0, step.total, device=keep.device).expand(B, -1)
+            cols = torch.cat([keep, new], dim=1)
+            valid = None
+            if seq.slot_valid is not None:
+                valid = torch.cat([seq.slot_valid, torch.ones_like(new, dtype=torch.bool)], dim=1)
+            cache["mask"] = gather_mask(kwargs.get("attention_mask"), None, cols, valid, step.float_dtype)
+        return args, {**kwargs, "attention_mask": cache["mask"], "position_ids": None}
+
+    def _after_layer(self, index: int, output) -> None:
+        step, seq = self._step, self._seq
+        if step is None or seq is None or not step.prefill or not seq.routed or step.gathered:
+            return
+        pending = (seq.exits == self.num_layers - 1) & seq.state.has_image
+        if not bool(pending.any()):
+            return
+        hidden = output[0] if isinstance(output, tuple) else output
+        st = seq.state
+        end = torch.full_like(seq.exits, st.prompt_length - 1)
+        feat, defined = router_features(hidden, st.image, st.valid, end)
+        with torch.no_grad():
+            logits = self.routers[index](feat.to(self.routers[index].w1.weight.device))
+        fire = exit_decision(logits, self.config.threshold).to(pending.device) & pending & defined
+        if bool((pending & ~defined).any()) and not self._warned:
+            self._warned = True
+            warnings.warn("DyVTE: a prompt has no text between its last image token and its final position; its "
+                          "router input is undefined and it never exits", stacklevel=2)
+        seq.exits[fire] = index
+
+
+def _keep_indices(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Non-image positions of each row of ``image [B, L]``, right-aligned in ``[B, M]`` (M = the longest); the slots
+    before a shorter row's positions point at its image positions and are marked invalid."""
+    B, L = image.shape
+    pos = torch.arange(L, device=image.device).expand(B, L)
+    order = torch.sort(torch.where(image, pos, pos + L), dim=1, stable=True).indices
+    M = int((~image).sum(1).max())
+    keep = order[:, L - M:]
+    valid = (~image).gather(1, keep)
+    return keep, (None if bool(valid.all()) else valid)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------------
+def _handle_of(model_or_handle) -> DyVTEHandle:
+    handle = model_or_handle if isinstance(model_or_handle, DyVTEHandle) else get_handle(model_or_handle)
+    if not isinstance(handle, DyVTEHandle):
+        raise TypeError("this model is not patched with dyvte")
+    return handle
+
+
+def save_routers(model_or_handle, directory: str | os.PathLike, *, base_model: str | None = None,
+                 revision: str | None = None, prompt_template: str | None = None, training: dict | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Write ``dyvte_routers.safetensors`` (``routers.{l}.w1.weight [H, 2D]``, ``routers.{l}.w2.weight [2, H]``) and
+    ``visionfx_config.json`` (§2.8) to ``directory``."""
+    from safetensors.torch import save_file
+
+    from visionfx import __version__
+
+    handle = _handle_of(model_or_handle)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for i, r in enumerate(handle.routers):
+        for name in ("w1", "w2"):
+            w = getattr(r, name).weight.detach()
+            tensors[f"routers.{i}.{name}.weight"] = (w.to(dtype) if dtype is not None else w).contiguous().cpu()
+    cfg = handle.parts.config
+    template = prompt_template if prompt_template is not None else handle.config.prompt_template
+    meta = {
+        "format_version": ROUTERS_FORMAT, "visionfx_version": __version__, "method": "dyvte",
+        "base_model": {"name_or_path": base_model or getattr(cfg, "_name_or_path", "") or None, "revision": revision,
+                       "text_hidden_size": handle.hidden_size, "num_layers": handle.num_layers,
+                       "router_hidden": handle.config.router_hidden, "activation": "gelu_erf"},
+        "feature": FEATURE, "decision": "argmax",
+        "prompt_template": template, "image_token_id": handle.parts.image_token_id,
+        "training": training or {"label_rule": {"agreement": 0.99, "loss_ratio": 1.03},
+                                 "k_sampling": "uniform over 0..L-1, one k per step"},
+    }
+    (directory / ROUTERS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    save_file(tensors, str(directory / ROUTERS_NAME), metadata={"format": "pt"})
+    return directory
+
+
+def load_routers(model_or_handle, directory: str | os.PathLike) -> DyVTEHandle:
+    """Load routers written by :func:`save_routers` into a dyvte-patched model; refuse a different D, L or width,
+    warn when the prompt template differs from the handle's ``prompt_template``."""
+    from safetensors.torch import load_file
+
+    handle = _handle_of(model_or_handle)
+    directory = Path(directory)
+    if not (directory / ROUTERS_NAME).is_file():
+        raise FileNotFoundError(f"{directory / ROUTERS_NAME} not found: not a DyVTE router checkpoint")
+    meta = json.loads((directory / ROUTERS_CONFIG).read_text()) if (directory / ROUTERS_CONFIG).is_file() else {}
+    if meta.get("format_version", 0) > ROUTERS_FORMAT:
+        raise ValueError(f"{directory} was written by a newer visionfx (format {meta['format_version']})")
+    base = meta.get("base_model", {})
+    for key, own in (("text_hidden_size", handle.hidden_size), ("num_layers", handle.num_layers),
+                     ("router_hidden", handle.config.router_hidden)):
+        if key in base and int(base[key]) != own:
+            raise ValueError(f"router checkpoint {directory} has {key}={base[key]}, the model needs {own}")
+    saved, own_t = meta.get("prompt_template"), handle.config.prompt_template
+    if saved is not None and own_t is not None and saved != own_t:
+        warnings.warn(f"routers were trained with prompt template {saved!r}, the patch declares {own_t!r}; "
+                      "router decisions are template-specific", stacklevel=2)
+    tensors = load_file(str(directory / ROUTERS_NAME))
+    expected = {f"routers.{i}.{n}.weight": getattr(r, n).weight for i, r in enumerate(handle.routers)
+                for n in ("w1", "w2")}
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"router checkpoint {directory} does not match a {handle.num_layers}-layer model: missing "
+                         f"{missing[:4]}, unexpected {extra[:4]}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            if tuple(tensors[key].shape) != tuple(param.shape):
+                raise ValueError(f"{key}: saved shape {tuple(tensors[key].shape)} != model {tuple(param.shape)} "
+                                 "(different hidden size or router width)")
+            param.copy_(tensors[key].to(param.dtype))
+    return handle
+
+
+def routers_from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Router tensors of an official DyVTE full checkpoint (``model.visual_gates_router.{l}.w1/w2.weight``) renamed
+    to this format (``routers.{l}.w1/w2.weight``); everything else is dropped."""
+    prefix = "model.visual_gates_router."
+    return {"routers." + k[len(prefix):]: v for k, v in state_dict.items()
+            if k.startswith(prefix) and k.endswith((".w1.weight", ".w2.weight"))}
+
+
+def install(parts: LlavaParts, config: DyVTEConfig) -> DyVTEHandle:
+    """Patch the LLaVA model described by ``parts`` (called by the llava adapter)."""
+    handle = DyVTEHandle(parts, config)
+    try:
+        handle.install()
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+METHOD = MethodSpec(
+    name="dyvte",
+    site="visual_tokens",
+    config_cls=DyVTEConfig,
+    module_cls=None,
+    summary="drop all visual tokens from the LLM after a router-chosen layer",
+    regime="router training (LLM frozen)",
+    paper="arXiv 2411.19628",
+    install=install,
+)
