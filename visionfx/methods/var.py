@@ -1,0 +1,442 @@
+"""VAR: visual attention redistribution, moving attention from sink tokens to the other visual tokens.
+
+Paper: "See What You Are Told: Visual Attention Sink in Large Multimodal Models" (arXiv 2503.03321, ICLR 2025);
+MLLM.md §3. Sink tokens of layer ℓ ≥ 2 are the tokens whose residual stream (the input of decoder layer ℓ) reaches
+|x_d| / RMS(x) > τ in a sink dimension d. For an image-centric row of an attention head (image mass ≥ summ and
+non-sink share of it ≥ ρ) a fraction p of the mass on all sinks moves to the visual non-sink tokens, proportionally.
+Everything is in the paper's convention (p = fraction moved); ``preset="official_code"`` reproduces the public code
+(which keeps p and tests the sink share, i.e. p_paper = 1 − p_code, ρ_paper = 1 − ρ_code, with its epsilons).
+
+How it runs:
+- ``AttentionInterface.register("visionfx_var", var_attention)`` and ``AttentionMaskInterface.register(
+  "visionfx_var", eager_mask)`` (without the latter transformers would hand the function no mask at all); the text
+  model alone is switched to it (``set_attn_implementation({"text_config": "visionfx_var"})``), undone on unpatch;
+- a pre-hook on ``LlavaModel`` records image span, padding, prompt length and prefill/decoding; pre-hooks on the
+  decoder layers where VAR may act record the prefill sink sets ``[B, L0]`` from their inputs;
+- :func:`var_attention` is eager attention (bit for bit) where VAR is inactive, and applies :func:`redistribute`
+  to the modifiable rows of active layers; ``mode="hybrid"`` computes every row with SDPA and recomputes only rows
+  that can change (prefill rows after the first image's end, decoding rows) eagerly.
+
+Decisions the docs leave open:
+- Sink sets are computed over the prompt only (positions before the recorded prompt length), so generation without
+  a cache, which re-runs the prompt, sees the same sets as cached decoding; generated tokens are never sinks.
+- ``layers`` restricts VAR to those decoder layers (each in [2, L−1]); by default [2, L−2] (or [2, L−1] without
+  ``except_last_layer``).
+- A preset sets its values; giving a different explicit value for a field it sets is an error.
+- ``find_sink_dims`` keeps a dimension whose per-sequence firing count is, in most (prompt, layer) pairs where it
+  fires, at most ``max(token_frac · non-pad tokens, min_tokens)``; the attention-mass validation step (§3.1.6) is
+  left to the caller (it needs attention weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from visionfx.config import MethodConfig
+from visionfx.patches.llava import (LlavaHandle, LlavaParts, check_left_padding, is_prefill, layer_hidden,
+                                    prompt_state)
+from visionfx.registry import MethodSpec
+
+__all__ = ["VARConfig", "VARHandle", "var_attention", "redistribute", "sink_scores", "find_sink_dims",
+           "known_sink_dims", "install", "ATTN_NAME", "KNOWN_SINK_DIMS"]
+
+ATTN_NAME = "visionfx_var"
+MODES = ("eager", "hybrid")
+PRESETS = {"official_code": {"p": 0.4, "rho": 0.5}, "hallucination": {"rho": 0.5}, "general": {"rho": 0.8},
+           "vision_centric": {"rho": 0.9}}
+KNOWN_SINK_DIMS = {("llama", 4096): (1415, 2533), ("llama", 5120): (2100, 4743)}
+RMS_EPS = 1e-6
+CODE_EPS = 1e-6  # the official code adds this to every image weight in the head test's denominator
+
+
+@dataclass(frozen=True)
+class VARConfig(MethodConfig):
+    """VAR attention redistribution (paper convention).
+
+    Attributes:
+        tau: sink threshold on |x_d| / RMS(x) (needs D > τ²; lower it for narrow models).
+        rho: minimum visual non-sink share of a row's image mass.
+        p: fraction of the sink mass moved to visual non-sink tokens.
+        summ: minimum image mass of a row.
+        sink_dims: hidden dimensions of the massive activations; ``None``: looked up (LLaMA-2-7B/13B backbones).
+        except_last_layer: leave the last decoder layer alone.
+        mode: ``"eager"`` (reference) or ``"hybrid"`` (SDPA, modifiable rows recomputed eagerly).
+        preset: ``"official_code"`` (p 0.4, ρ 0.5, the code's epsilon placement), ``"hallucination"`` (ρ 0.5),
+            ``"general"`` (ρ 0.8), ``"vision_centric"`` (ρ 0.9) or ``None``.
+        eps: guard of the denominators.
+    """
+
+    method = "var"
+    tau: float = 20.0
+    rho: float = 0.5
+    p: float = 0.6
+    summ: float = 0.2
+    sink_dims: tuple[int, ...] | None = None
+    except_last_layer: bool = True
+    mode: str = "eager"
+    preset: str | None = None
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.layers is not None and any(i < 2 for i in self.layers):
+            raise ValueError(f"var: layers {self.layers} include layers 0/1, which have no sink sets")
+        for name in ("tau", "rho", "p", "summ", "eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v) or v < 0:
+                raise ValueError(f"var: {name} must be a non-negative number, got {v!r}")
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"var: preset must be one of {sorted(PRESETS)} or None, got {self.preset!r}")
+            defaults = {"p": 0.6, "rho": 0.5}
+            for name, value in PRESETS[self.preset].items():
+                own = getattr(self, name)
+                if own not in (defaults[name], value):
+                    raise ValueError(f"var: preset {self.preset!r} sets {name}={value}; got {name}={own}")
+                object.__setattr__(self, name, value)
+        if self.p > 1 or self.rho > 1:
+            raise ValueError(f"var: p and rho are fractions in [0, 1], got p={self.p}, rho={self.rho}")
+        if self.mode not in MODES:
+            raise ValueError(f"var: mode must be one of {MODES}, got {self.mode!r}")
+        if self.sink_dims is not None:
+            raw = (self.sink_dims,) if isinstance(self.sink_dims, numbers.Integral) else self.sink_dims
+            dims = tuple(int(d) for d in raw)
+            if not dims or any(d < 0 for d in dims) or len(set(dims)) != len(dims):
+                raise ValueError(f"var: sink_dims must be distinct non-negative dimensions, got {raw!r}")
+            object.__setattr__(self, "sink_dims", dims)
+
+
+def known_sink_dims(text_config) -> tuple[int, ...] | None:
+    """Registered sink dimensions of a text backbone (keyed by ``model_type`` and ``hidden_size``), or ``None``."""
+    return KNOWN_SINK_DIMS.get((getattr(text_config, "model_type", None), getattr(text_config, "hidden_size", None)))
+
+
+def sink_scores(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """``x [..., D]`` -> ``[...]`` fp32: max over ``dims`` of |x_d| / sqrt(mean_d x_d² + 1e-6)."""
+    x = x.float()
+    rms = torch.sqrt(x.pow(2).mean(-1) + RMS_EPS)
+    return x[..., list(dims)].abs().amax(-1) / rms
+
+
+def redistribute(attn: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, rows: torch.Tensor, p: float,
+                 rho: float, summ: float, eps: float = 1e-6, official: bool = False) -> torch.Tensor:
+    """VAR on post-softmax weights (§3.3-3.4, vectorised over samples, heads and rows).
+
+    Args:
+        attn: ``[B, H, Q, S]`` fp32 attention weights.
+        image: ``[B, S]`` bool image key positions; sinks: ``[B, S]`` bool sink key positions (text and visual).
+        rows: ``[B, Q]`` bool, rows that may be modified (the caller also clears samples without a visual sink).
+        p, rho, summ: paper convention (p moved, ρ minimum non-sink share, summ minimum image mass).
+        official: the public code's arithmetic: head test ``S_vs / Σ(α_img + 1e-6) ≤ 1 − ρ`` and ratios without ε.
+
+    Returns:
+        ``[B, H, Q, S]``: selected rows with ``p`` of their sink mass moved to the visual non-sink keys in
+        proportion to their weights; every other row is returned unchanged.
+    """
+    img = image[:, None, None, :]
+    snk = sinks[:, None, None, :]
+    s_img = attn.masked_fill(~img, 0).sum(-1)
+    s_vs = attn.masked_fill(~(img & snk), 0).sum(-1)
+    if official:
+        n_img = image.sum(-1).to(attn.dtype)[:, None, None]
+        head_ok = (s_vs / (s_img + n_img * CODE_EPS) <= 1 - rho) & (s_img >= summ)
+    else:
+        head_ok = (s_img >= summ) & ((s_img - s_vs) / (s_img + eps) >= rho)
+    sel = head_ok & rows[:, None, :]
+    budget = p * attn.masked_fill(~snk, 0).sum(-1, keepdim=True)
+    w = attn.masked_fill(~(img & ~snk), 0)
+    total = w.sum(-1, keepdim=True)
+    if official:
+        new = torch.where(snk, attn * (1 - p), attn) + budget * (w / torch.where(total > 0, total, 1))
+    else:
+        new = attn - p * attn.masked_fill(~snk, 0) + budget * w / (total + eps)
+    return torch.where(sel[..., None], new, attn)
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 1:
+        return x
+    B, h, S, d = x.shape
+    return x[:, :, None].expand(B, h, n, S, d).reshape(B, h * n, S, d)
+
+
+def _eager_rows(module, query, key, value, mask, scaling, dropout, ctx):
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if mask is not None:
+        scores = scores + mask
+    attn = nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
+    if ctx is not None:
+        attn = redistribute(attn, ctx["image"], ctx["sinks"], ctx["rows"], **ctx["params"])
+    attn = attn.to(query.dtype)
+    attn = nn.functional.dropout(attn, p=dropout, training=module.training)
+    return torch.matmul(attn, value), attn
+
+
+_MODULES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def var_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    """The ``"visionfx_var"`` attention function: ``query [B, H, Q, d]``, ``key``/``value [B, Hkv, S, d]``, additive
+    float ``attention_mask [B, 1, Q, S]`` -> ``(out [B, Q, H, d], weights [B, H, Q, S] or None)``."""
+    entry = _MODULES.get(module)
+    if entry is None:
+        raise RuntimeError("this attention module belongs to no VAR patch (a copy of a patched model?); patch the "
+                           "model itself with visionfx.patch(model, 'var')")
+    handle, layer = entry
+    key = _repeat_kv(key, module.num_key_value_groups)
+    value = _repeat_kv(value, module.num_key_value_groups)
+    ctx = handle._context(layer, query.shape[2], key.shape[2])
+    if handle.config.mode == "hybrid":
+        first = 0 if ctx is None else ctx["first_row"]
+        if ctx is None or first > 0:
+            out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                             dropout_p=dropout if module.training else 0.0,
+                                                             scale=scaling)
+            if ctx is not None:
+                sub = {**ctx, "rows": ctx["rows"][:, first:]}
+                m = attention_mask[:, :, first:] if attention_mask is not None else None
+                out = out.clone()
+                out[:, :, first:] = _eager_rows(module, query[:, :, first:], key, value, m, scaling, dropout, sub)[0]
+            return out.transpose(1, 2).contiguous(), None
+    out, attn = _eager_rows(module, query, key, value, attention_mask, scaling, dropout, ctx)
+    return out.transpose(1, 2).contiguous(), attn
+
+
+def _register() -> None:
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # pragma: no cover - older layouts
+        from transformers.modeling_utils import AttentionInterface
+    AttentionInterface.register(ATTN_NAME, var_attention)
+    AttentionMaskInterface.register(ATTN_NAME, eager_mask)
+
+
+class _SinkHook:
+    def __init__(self, handle: "VARHandle", index: int):
+        self.handle, self.index = handle, index
+
+    def __call__(self, module, args, kwargs):
+        self.handle._record_sinks(self.index, layer_hidden(args, kwargs))
+        return None
+
+
+class VARHandle(LlavaHandle):
+    """A VAR patch on one LLaVA model.
+
+    Attributes:
+        sink_dims: the sink dimensions used; layers: decoder layers VAR may modify.
+        sink_masks: ``{layer: [B, L0] bool}`` sink sets of the last prefill (text and visual sinks).
+        state: :class:`~visionfx.patches.llava.PromptState` of the last prefill.
+    """
+
+    def __init__(self, parts: LlavaParts, config: VARConfig):
+        super().__init__(parts, config)
+        text = parts.config.text_config
+        L = len(parts.llm_layers)
+        dims = config.sink_dims if config.sink_dims is not None else known_sink_dims(text)
+        if dims is None:
+            raise ValueError(f"var: the sink dimensions of a {getattr(text, 'model_type', '?')} text model with "
+                             f"hidden size {text.hidden_size} are not known; pass sink_dims=[...] (find them with "
+                             "visionfx.methods.var.find_sink_dims)")
+        if any(d >= text.hidden_size for d in dims):
+            raise ValueError(f"var: sink_dims {dims} out of range for hidden size {text.hidden_size}")
+        last = L - 1 if config.except_last_layer else L
+        default = range(2, last)
+        if config.layers is not None:
+            bad = [i for i in config.layers if i >= L]
+            if bad:
+                raise ValueError(f"var: layers {bad} out of range for a {L}-layer LLM")
+        self.sink_dims = tuple(dims)
+        self.layers = tuple(i for i in default if config.layers is None or i in config.layers)
+        self.sink_masks: dict[int, torch.Tensor] = {}
+        self.state = None
+        self._prefill = False
+        self._prompt_length = self._image_mask = None
+        self._valid_run = False
+
+    def install(self) -> None:
+        _register()
+        for i, layer in enumerate(self.parts.llm_layers):
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or not hasattr(attn, "num_key_value_groups"):
+                raise TypeError(f"var needs Llama-style decoder layers (self_attn with num_key_value_groups); got "
+                                f"{type(layer).__name__}")
+            _MODULES[attn] = (self, i)
+        for i in self.layers:
+            self.pre_hook(self.parts.llm_layers[i], _SinkHook(self, i))
+        self.watch_inner(self._on_inner)
+        self.set_attn_implementation({"text_config": ATTN_NAME})
+        self.wrap_entry_points()
+
+    def remove(self) -> None:
+        super().remove()
+        for layer in self.parts.llm_layers:
+            attn = getattr(layer, "self_attn", None)
+            if attn is not None and _MODULES.get(attn, (None,))[0] is self:
+                del _MODULES[attn]
+
+    @contextlib.contextmanager
+    def call_scope(self, kwargs: dict[str, Any], entry: str) -> Iterator[dict[str, Any]]:
+        kw = dict(kwargs)
+        image_mask = kw.pop("image_mask", None)
+        check_left_padding(kw.get("attention_mask"))
+        ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        saved = (self._prompt_length, self._image_mask)
+        self._prompt_length = ref.shape[1] if entry == "generate" and ref is not None else None
+        self._image_mask = image_mask
+        try:
+            yield kw
+        finally:
+            self._prompt_length, self._image_mask = saved
+
+    def _on_inner(self, kw: dict[str, Any]) -> None:
+        ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+        self._prefill = is_prefill(kw.get("past_key_values"))
+        if not self._prefill:
+            return
+        self.sink_masks = {}
+        length = (ids if ids is not None else embeds).shape[1]
+        self.state = prompt_state(ids, kw.get("attention_mask"), self.parts.image_token_id, self._image_mask,
+                                  length, self._prompt_length)
+
+    def _record_sinks(self, index: int, x: torch.Tensor) -> None:
+        st = self.state
+        if not self._prefill or st is None or not bool(st.has_image.any()):
+            return
+        with torch.no_grad():
+            score = sink_scores(x, self.sink_dims)
+        pos = torch.arange(st.length, device=x.device)
+        self.sink_masks[index] = (score > self.config.tau) & st.valid & (pos < st.prompt_length)
+
+    def _context(self, layer: int, q_len: int, s_len: int) -> dict | None:
+        """What :func:`var_attention` needs at ``layer`` for ``q_len`` queries over ``s_len`` keys (``None``:
+        nothing can change)."""
+        st, sinks = self.state, self.sink_masks.get(layer)
+        if st is None or sinks is None:
+            return None
+        image = st.image
+        has = (sinks & image).any(1)
+        if not bool(has.any()):
+            return None
+        if s_len > image.shape[1]:
+            pad = s_len - image.shape[1]
+            image, sinks = (nn.functional.pad(t, (0, pad)) for t in (image, sinks))
+        B = image.shape[0]
+        absolute = torch.arange(s_len - q_len, s_len, device=image.device)
+        if self._prefill:
+            valid = st.valid if st.valid.shape[1] >= s_len else nn.functional.pad(st.valid, (0, s_len - st.length))
+            rows = (absolute[None, :] > st.last_image[:, None]) & valid[:, s_len - q_len:]
+        else:
+            rows = torch.ones(B, q_len, dtype=torch.bool, device=image.device)
+        rows = rows & has[:, None]
+        starts = torch.where(has, st.last_image + 1, torch.full_like(st.last_image, s_len))
+        first = max(int(starts.min()) - (s_len - q_len), 0) if self._prefill else 0
+        cfg = self.config
+        return {"image": image, "sinks": sinks, "rows": rows, "first_row": first,
+                "params": {"p": cfg.p, "rho": cfg.rho, "summ": cfg.summ, "eps": cfg.eps,
+                           "official": cfg.preset == "official_code"}}
+
+
+def find_sink_dims(model: nn.Module, batches, tau_c: float = 20.0, layer_frac: float = 0.5,
+                   prompt_frac: float = 0.5, token_frac: float = 0.02, min_tokens: int = 4,
+                   tally_frac: float = 0.5, return_stats: bool = False):
+    """Find the massive-activation dimensions of a LLaVA text model from calibration prompts (§3.1).
+
+    Args:
+        model: a LLaVA model (patched or not).
+        batches: iterable of model-input dicts (``input_ids``, ``attention_mask``, optionally ``pixel_values``).
+        tau_c: threshold on |x_d| / RMS(x) of the inputs of decoder layers 2..L−1.
+        layer_frac / prompt_frac: minimum fraction of those layers / of the prompts where a dimension fires.
+        token_frac, min_tokens: a dimension must fire on at most ``max(token_frac · n, min_tokens)`` of a sequence's
+            n non-pad tokens in most (prompt, layer) pairs where it fires.
+        tally_frac: minimum tally relative to the top dimension's.
+
+    Returns:
+        Sorted list of dimensions (and a per-dimension stats dict when ``return_stats``).
+    """
+    from visionfx.patches.llava import LlavaParts
+
+    parts = LlavaParts.of(model)
+    layers = list(range(2, len(parts.llm_layers)))
+    if not layers:
+        raise ValueError("find_sink_dims needs a text model with at least 3 layers")
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [parts.llm_layers[i].register_forward_pre_hook(
+        lambda m, a, k, i=i: captured.__setitem__(i, layer_hidden(a, k).detach().float()), with_kwargs=True)
+        for i in layers]
+    stats: dict[int, dict] = {}
+    n_prompts = 0
+    try:
+        for batch in batches:
+            captured.clear()
+            with torch.no_grad():
+                model(**batch, use_cache=False)
+            mask = batch.get("attention_mask")
+            for b in range(batch["input_ids"].shape[0]):
+                valid = mask[b].bool() if mask is not None else torch.ones(batch["input_ids"].shape[1], dtype=bool)
+                prompt = n_prompts + b
+                for layer in layers:
+                    x = captured[layer][b][valid.to(captured[layer].device)]
+                    z = x.abs() / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+                    hot = z > tau_c
+                    flagged = z.amax(-1) > tau_c
+                    if not bool(flagged.any()):
+                        continue
+                    marks = hot.clone()
+                    marks[torch.arange(z.shape[0]), z.argmax(-1)] |= flagged
+                    marks &= flagged[:, None]
+                    allowance = max(token_frac * int(valid.sum()), min_tokens)
+                    for d in marks.any(0).nonzero().flatten().tolist():
+                        s = stats.setdefault(d, {"tally": 0, "layers": set(), "prompts": set(), "pairs": 0,
+                                                 "sparse_pairs": 0})
+                        count = int(marks[:, d].sum())
+                        s["tally"] += count
+                        s["layers"].add(layer)
+                        s["prompts"].add(prompt)
+                        s["pairs"] += 1
+                        s["sparse_pairs"] += int(count <= allowance)
+            n_prompts += batch["input_ids"].shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    top = max((s["tally"] for s in stats.values()), default=0)
+    dims = sorted(d for d, s in stats.items()
+                  if len(s["layers"]) >= layer_frac * len(layers) and len(s["prompts"]) >= prompt_frac * n_prompts
+                  and s["sparse_pairs"] * 2 > s["pairs"] and s["tally"] >= tally_frac * top)
+    if return_stats:
+        return dims, {d: {**s, "layers": sorted(s["layers"]), "prompts": len(s["prompts"])} for d, s in stats.items()}
+    return dims
+
+
+def install(parts: LlavaParts, config: VARConfig) -> VARHandle:
+    """Patch the LLaVA model described by ``parts`` (called by the llava adapter)."""
+    handle = VARHandle(parts, config)
+    try:
+        handle.install()
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+METHOD = MethodSpec(
+    name="var",
+    site="visual_tokens",
+    config_cls=VARConfig,
+    module_cls=None,
+    summary="redistribute attention from sink tokens to the other visual tokens (image-centric heads)",
+    regime="training-free",
+    paper="arXiv 2503.03321",
+    install=install,
+)
