@@ -139,7 +139,8 @@ def router_features(hidden: torch.Tensor, image: torch.Tensor, valid: torch.Tens
     last_img = torch.where(image, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
     span = (pos > last_img) & (pos < end[:, None]) & valid
     count = span.sum(1)
-    mean = (h.float() * span[..., None]).sum(1) / count.clamp(min=1)[:, None]
+    acc = h.to(torch.promote_types(h.dtype, torch.float32))
+    mean = (acc * span[..., None]).sum(1) / count.clamp(min=1)[:, None]
     last = h.gather(1, end.view(B, 1, 1).expand(B, 1, D)).squeeze(1)
     return torch.cat([mean.to(h.dtype), last], dim=-1), count > 0
 
@@ -252,9 +253,15 @@ class _RouterHook:
         return None
 
 
-def _check_not_compiling():
+_COMPILE_MSG = "DyVTE makes data-dependent decisions in hooks and does not support torch.compile"
+
+
+def _check_not_compiling(*modules: nn.Module):
     if torch.compiler.is_compiling():
-        raise RuntimeError("DyVTE makes data-dependent decisions in hooks and does not support torch.compile")
+        raise RuntimeError(_COMPILE_MSG)
+    for m in modules:
+        if getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod"):
+            raise RuntimeError(_COMPILE_MSG + f" ({type(m).__name__} is compiled)")
 
 
 class DyVTEHandle(LlavaHandle):
@@ -349,8 +356,10 @@ class DyVTEHandle(LlavaHandle):
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         saved = (self._prompt_length, self._image_mask, self._restore)
         ref = ids if ids is not None else embeds
-        self._prompt_length = ref.shape[1] if entry == "generate" and ref is not None else None
-        self._image_mask, self._restore = image_mask, restore
+        # forward calls made by generate keep the generate call's prompt length and image mask
+        self._prompt_length = ref.shape[1] if entry == "generate" and ref is not None else saved[0]
+        self._image_mask = image_mask if image_mask is not None else saved[1]
+        self._restore = restore
         try:
             yield kw
         finally:
@@ -386,7 +395,8 @@ class DyVTEHandle(LlavaHandle):
         self._step = None
         if not self.enabled:
             return
-        _check_not_compiling()
+        inner = self.parts.inner
+        _check_not_compiling(self.parts.model, inner, inner.language_model, *self.parts.llm_layers)
         pkv = kw.get("past_key_values")
         if pkv is not None and getattr(pkv, "is_compileable", False):
             raise NotImplementedError(f"DyVTE does not support {type(pkv).__name__} (static caches): layers hold "

@@ -293,8 +293,9 @@ class VARHandle(LlavaHandle):
         check_left_padding(kw.get("attention_mask"))
         ref = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         saved = (self._prompt_length, self._image_mask)
-        self._prompt_length = ref.shape[1] if entry == "generate" and ref is not None else None
-        self._image_mask = image_mask
+        # forward calls made by generate keep the generate call's prompt length and image mask
+        self._prompt_length = ref.shape[1] if entry == "generate" and ref is not None else saved[0]
+        self._image_mask = image_mask if image_mask is not None else saved[1]
         try:
             yield kw
         finally:
