@@ -140,7 +140,7 @@ def _bcast_tile(
         s += tl.load(B2 + h * sb2_h + rm[:, None] * sb2_n + ra[None, :], mask=m_mask[:, None] & a_mask[None, :], other=0.0)
     p = tl.exp(s - lse[:, None])
     p = tl.where(a_mask[None, :] & m_mask[:, None], p, 0.0)
-    dp = tl.dot(do, tl.trans(va), input_precision="ieee")
+    dp = tl.dot(do, tl.trans(va), input_precision=PREC)
     delta = tl.sum(do * o, 1)
     ds = p * (dp - delta[:, None])
     return q.to(tl.float32), a.to(tl.float32), do, p, ds
@@ -169,10 +169,10 @@ def _bcast_bwd(
             sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
             HAS_B2=HAS_B2, D=D, BA=BA, BD=BD, PREC=PREC,
         )
-        dq = tl.dot(ds, a, input_precision="ieee") * s2
+        dq = tl.dot(ds, a, input_precision=PREC) * s2
         tl.store(DQ + pid_bh * N * BD + rm[:, None] * BD + rd[None, :], dq, mask=(rm < stop)[:, None] & (rd < D)[None, :])
-        dva += tl.dot(tl.trans(p), do, input_precision="ieee")
-        da += tl.dot(tl.trans(ds), q, input_precision="ieee") * s2
+        dva += tl.dot(tl.trans(p), do, input_precision=PREC)
+        da += tl.dot(tl.trans(ds), q, input_precision=PREC) * s2
     ad = (ra < n_agents)[:, None] & (rd < D)[None, :]
     tl.atomic_add(DVA + (pid_bh * BA + ra[:, None]) * BD + rd[None, :], dva, mask=ad)
     tl.atomic_add(DA + (pid_bh * BA + ra[:, None]) * BD + rd[None, :], da, mask=ad)
@@ -221,7 +221,7 @@ def _agg_tile(
         s += tl.load(B1 + h * sb1_h + ra[:, None] * sb1_a + rn[None, :], mask=a_mask[:, None] & n_mask[None, :], other=0.0)
     p = tl.exp(s - lse[:, None])
     p = tl.where(a_mask[:, None] & n_mask[None, :], p, 0.0)
-    dp = tl.dot(dva, tl.trans(v), input_precision="ieee")
+    dp = tl.dot(dva, tl.trans(v), input_precision=PREC)
     delta = tl.sum(dva * va, 1)
     ds = p * (dp - delta[:, None])
     return a.to(tl.float32), k.to(tl.float32), dva, p, ds
@@ -250,9 +250,9 @@ def _agg_bwd(
             HAS_B1=HAS_B1, D=D, BA=BA, BD=BD, PREC=PREC,
         )
         nd = (rn < stop)[:, None] & (rd < D)[None, :]
-        tl.store(DK + pid_bh * N * BD + rn[:, None] * BD + rd[None, :], tl.dot(tl.trans(ds), a, input_precision="ieee") * s1, mask=nd)
-        tl.store(DV + pid_bh * N * BD + rn[:, None] * BD + rd[None, :], tl.dot(tl.trans(p), dva, input_precision="ieee"), mask=nd)
-        da += tl.dot(ds, k, input_precision="ieee") * s1
+        tl.store(DK + pid_bh * N * BD + rn[:, None] * BD + rd[None, :], tl.dot(tl.trans(ds), a, input_precision=PREC) * s1, mask=nd)
+        tl.store(DV + pid_bh * N * BD + rn[:, None] * BD + rd[None, :], tl.dot(tl.trans(p), dva, input_precision=PREC), mask=nd)
+        da += tl.dot(ds, k, input_precision=PREC) * s1
     tl.atomic_add(DA + (pid_bh * BA + ra[:, None]) * BD + rd[None, :], da, mask=(ra < n_agents)[:, None] & (rd < D)[None, :])
 
 
@@ -345,7 +345,8 @@ def _backward(do, q, k, v, agents, bias1, bias2, scale1, scale2, o, va, lse1, ls
     prec = _precision(q.dtype)
     dev, bh = q.device, B * H
     do = do.contiguous()
-    meta = dict(D=D, BA=BA, BD=BD, PREC=prec, num_warps=4)
+    # the backward passes keep two [BA, BD] fp32 accumulators on chip: eight warps keep them in registers
+    meta = dict(D=D, BA=BA, BD=BD, PREC=prec, num_warps=8)
     qs, as_, os_ = q.stride()[:3], agents.stride()[:3], o.stride()[:3]
     ks, vs = k.stride()[:3], v.stride()[:3]
     b1s = (bias1.stride(0), bias1.stride(1)) if bias1 is not None else (0, 0)
