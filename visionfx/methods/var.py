@@ -22,6 +22,8 @@ Decisions the docs leave open:
   a cache, which re-runs the prompt, sees the same sets as cached decoding; generated tokens are never sinks.
 - ``layers`` restricts VAR to those decoder layers (each in [2, L−1]); by default [2, L−2] (or [2, L−1] without
   ``except_last_layer``).
+- The receivers' denominator is guarded as max(Σ_{𝒱∖V} α, ε) rather than Σ + ε, so row sums stay exact whenever
+  that mass exceeds ε (with + ε a row would lose Ω·ε/Σ).
 - A preset sets its values; giving a different explicit value for a field it sets is an error.
 - ``find_sink_dims`` keeps a dimension whose per-sequence firing count is, in most (prompt, layer) pairs where it
   fires, at most ``max(token_frac · non-pad tokens, min_tokens)``; the attention-mass validation step (§3.1.6) is
@@ -157,7 +159,7 @@ def redistribute(attn: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, r
     if official:
         new = torch.where(snk, attn * (1 - p), attn) + budget * (w / torch.where(total > 0, total, 1))
     else:
-        new = attn - p * attn.masked_fill(~snk, 0) + budget * w / (total + eps)
+        new = attn - p * attn.masked_fill(~snk, 0) + budget * w / total.clamp(min=eps)
     return torch.where(sel[..., None], new, attn)
 
 
