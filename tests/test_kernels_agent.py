@@ -75,3 +75,19 @@ def test_low_precision_gpu(N, dtype):
     for got, want in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(exact, leaves, do.double())):
         assert torch.isfinite(got).all()
         assert rel(got, want) < 2e-2
+
+
+def test_compile_fullgraph_and_backward():
+    """The kernel is a custom op: a compiled caller has no graph break and matches eager, gradients included."""
+    q, k, v, a, b1, b2 = make(1, 2, 33, 16, 9, True)
+    leaves = [t.requires_grad_() for t in (q, k, v, a, b1, b2)]
+
+    def f(q, k, v, a, b1, b2):
+        return agent_attention_triton(q, k, v, a, b1, b2, scale1=0.25, scale2=0.25) * 2.0
+
+    eager = f(*leaves)
+    compiled = torch.compile(f, fullgraph=True)(*leaves)
+    torch.testing.assert_close(compiled, eager)
+    do = torch.randn_like(eager)
+    for got, want in zip(torch.autograd.grad(compiled, leaves, do), torch.autograd.grad(eager, leaves, do)):
+        torch.testing.assert_close(got, want)

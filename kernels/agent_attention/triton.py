@@ -391,12 +391,12 @@ def _backward(do, q, k, v, agents, bias1, bias2, scale1, scale2, o, va, lse1, ls
             BN=BN, **meta,
         )
 
-    def shape(t, rows):
-        return t[:, :rows, :D].reshape(B, H, rows, D)
+    def unpad(t, rows, dtype):  # contiguous, as the op's fake implementation promises
+        return t[:, :rows, :D].reshape(B, H, rows, D).to(dtype).contiguous()
 
-    grads = [shape(dq, N).to(q.dtype), shape(dk, N).to(k.dtype), shape(dv, N).to(v.dtype), shape(da, n).to(agents.dtype)]
-    grads.append(db1[:, :n, :].to(bias1.dtype) if bias1 is not None else None)
-    grads.append(db2[:, :, :n].to(bias2.dtype) if bias2 is not None else None)
+    grads = [unpad(dq, N, q.dtype), unpad(dk, N, k.dtype), unpad(dv, N, v.dtype), unpad(da, n, agents.dtype)]
+    grads.append(db1[:, :n, :].to(bias1.dtype).contiguous() if bias1 is not None else None)
+    grads.append(db2[:, :, :n].to(bias2.dtype).contiguous() if bias2 is not None else None)
     return grads
 
 
