@@ -12,17 +12,24 @@ Each pass is a ``@triton.jit`` helper over a token range; the fused kernels run 
 program per (batch, head), keeping the state in registers; the split kernels give each program a chunk of tokens and
 combine the partial states with fp32 atomics.
 
-Matrix products: fp32 inputs use ``input_precision="ieee"``. 16-bit inputs use tensor cores on ``LP`` operands
-(bf16 on GPUs): an operand that is not exactly representable in ``LP`` (the fp32 state, rotated or weighted features)
-is split into ``hi + lo`` ``LP`` parts and the ``lo·lo`` term is dropped, so products keep ~16 significant bits and
-the fp32 range (fp16 operands could overflow with long sequences). ``*_EXACT`` flags skip the ``lo`` terms of operands
+Matrix products: fp32 inputs use ``input_precision=FP32_DOT``: ``"tf32x3"`` on GPUs (three TF32 tensor-core
+products, about fp32 accuracy; ``"ieee"`` FMA products spill kilobytes per thread on sm_90), ``"ieee"`` in the
+interpreter. 16-bit inputs use tensor cores on ``LP`` operands (bf16 on GPUs): an operand that is not exactly
+representable in ``LP`` (the fp32 state, rotated or weighted features) is split into ``hi + lo`` ``LP`` parts and the
+``lo·lo`` term is dropped, so products keep ~16 significant bits and the fp32 range (fp16 operands could overflow with
+long sequences). ``*_EXACT`` flags skip the ``lo`` terms of operands
 known to be exact (bf16 inputs, relu or identity features), which keeps the arithmetic intensity low.
 """
+
+import os
 
 import triton
 import triton.language as tl
 
 F32 = tl.float32
+# fp32 products: three TF32 tensor-core products (hi·hi + hi·lo + lo·hi, ~fp32 accuracy) on GPUs; the interpreter
+# computes in plain fp32 ("ieee"). Either way, never single-pass TF32 and its ~1e-3 relative error.
+FP32_DOT: tl.constexpr = tl.constexpr("ieee" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "tf32x3")
 
 
 @triton.jit
@@ -56,7 +63,7 @@ def _mm(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, LOWP: tl.conste
         if not A_EXACT:
             acc = tl.dot((a - ah.to(F32)).to(LP), bh, acc)
     else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=FP32_DOT)
     return acc
 
 
@@ -70,7 +77,7 @@ def _mm_state(a, s_hi, s_lo, acc, A_EXACT: tl.constexpr, LOWP: tl.constexpr, LP:
         if not A_EXACT:
             acc = tl.dot((a - ah.to(F32)).to(LP), s_hi, acc)
     else:
-        acc = tl.dot(a, s_hi, acc, input_precision="ieee")
+        acc = tl.dot(a, s_hi, acc, input_precision=FP32_DOT)
     return acc
 
 

@@ -12,9 +12,10 @@ under ``torch.use_deterministic_algorithms(True)`` the fused kernel is always us
 pass writes ``dq`` and reduces ``dS``/``dz``, a key pass writes ``dk``, ``dv`` and ``d key_weights``. The feature map,
 both normalisers, the key weights and the rotary numerator are fused; the forward saves only the fp32 state for the
 backward (and only when a gradient is needed). Head dims up to 128 (non-powers of two are padded with masks), any N,
-any strides, fp32/bf16/fp16. fp32 inputs use ``input_precision="ieee"``; 16-bit inputs use bf16 tensor-core products
-with hi/lo splitting of inexact operands (see ``_triton_kernels``), so the kernel adds little error to the final
-rounding of the output.
+any strides, fp32/bf16/fp16. fp32 inputs use ``input_precision="tf32x3"`` on GPUs (three TF32 products, about fp32
+accuracy, on tensor cores; never plain TF32 and its ~1e-3 error) and ``"ieee"`` in the interpreter; 16-bit inputs use
+bf16 tensor-core products with hi/lo splitting of inexact operands (see ``_triton_kernels``), so the kernel adds
+little error to the final rounding of the output.
 
 Decisions where the contract is silent:
 - q, k, v of different dtypes are cast to q's dtype; the rotary tables are used in fp32 (``[N, D/2]``, shared over
