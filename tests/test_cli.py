@@ -114,7 +114,8 @@ def test_bench_failing_method_is_a_row_not_a_crash(capsys, tmp_path):
         (["--sizes", "32,big"], "--sizes"),
         (["--sizes", "0"], "sizes must be positive"),
         (["--repeat", "0"], "repeat >= 1"),
-        (["--threads", "0"], "threads must be >= 1"),
+        (["--threads", "0"], "threads must be an integer >= 1"),
+        (["--threads", "many"], "--threads"),
         (["--dtype", "fp8"], "invalid choice"),
     ],
 )
@@ -146,6 +147,17 @@ def test_bench_kernels_flag(monkeypatch, capsys):
     monkeypatch.setattr(visionfx.bench, "kernel_bench", kernel_bench, raising=False)
     assert main(["bench", "--kernels", "--dtype", "bf16", "--repeat", "7", "--device", "cpu"]) == 0
     assert seen == {"device": "cpu", "dtype": "bf16", "repeat": 7}
+
+
+def test_auto_threads_follow_the_load(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(visionfx.bench, "_cpus", lambda: 8)
+    monkeypatch.setattr(visionfx.bench.os, "getloadavg", lambda: (0.3, 0.3, 0.3))
+    assert visionfx.bench.auto_threads() == 8
+    monkeypatch.setattr(visionfx.bench.os, "getloadavg", lambda: (5.2, 5.0, 5.0))
+    assert visionfx.bench.auto_threads() == 3
+    monkeypatch.setattr(visionfx.bench.os, "getloadavg", lambda: (30.0, 30.0, 30.0))
+    assert visionfx.bench.auto_threads() == 1
 
 
 def test_no_command_prints_help(capsys):

@@ -3,7 +3,7 @@
 :func:`run_bench` builds a timm model (random weights, ``pretrained=False``) once per image size and method, patches
 it, and times forward passes of one batch under ``torch.inference_mode``: ``warmup`` untimed calls, then ``repeat``
 timed calls, reporting the median. At each size the original model is measured first and the methods right after it,
-so every ratio compares runs made minutes apart on the same machine, never numbers from different runs.
+so every ratio compares runs made close together in one process, never numbers from different runs.
 
 Decisions the specs leave open:
 
@@ -18,6 +18,10 @@ Decisions the specs leave open:
   the highest level of live PyTorch CPU allocations during one forward, read from the allocation and free events of
   ``torch.profiler`` (``profile_memory=True``); that forward is not timed.
 - ``speedup`` is the original's median latency divided by the method's at the same size: above 1 is faster.
+- ``threads="auto"`` (the default) keeps PyTorch's thread count on an idle CPU but lowers it to the CPUs left idle by
+  other processes (CPU count minus the 1-minute load average, at least 1) when the CPU is shared: PyTorch's threads
+  wait on each other at every op, so two threads on two busy cores measured 10-20x slower and far noisier than one.
+  The count used is recorded in every row.
 - A method that cannot run on the model (a grid it refuses, a site the model lacks) gives a row with ``error`` set
   instead of stopping the benchmark; bad arguments (unknown method or model, no CUDA) raise :class:`BenchError`.
 """
@@ -56,7 +60,7 @@ __all__ = [
 #: the arguments of a plain ``visionfx bench``: about a minute on a 2-core CPU
 DEFAULTS = dict(
     model="vit_tiny_patch16_224",
-    sizes=(128, 224, 320),
+    sizes=(128, 224),
     batch_size=2,
     device="auto",
     dtype="fp32",
@@ -125,6 +129,19 @@ def resolve_methods(methods: Sequence[str] | None) -> list[tuple[str, MethodConf
     if len(set(labels)) != len(labels):
         raise BenchError(f"a method is listed twice: {labels}")
     return out
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def auto_threads() -> int:
+    """PyTorch's thread count, lowered to the CPUs other processes leave idle (1-minute load average), at least 1."""
+    current = torch.get_num_threads()
+    if not hasattr(os, "getloadavg"):
+        return current
+    idle = int(_cpus() - os.getloadavg()[0] + 0.5)
+    return max(1, min(current, idle))
 
 
 def check_model_name(name: str) -> None:
@@ -249,7 +266,7 @@ def run_bench(
     repeat: int = DEFAULTS["repeat"],
     compile: bool = False,
     memory: bool = True,
-    threads: int | None = None,
+    threads: int | str | None = "auto",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Benchmark timm model ``model`` as it ships and patched with each of ``methods`` at each image size.
@@ -264,8 +281,8 @@ def run_bench(
         warmup, repeat: untimed and timed forwards per row (the median of the timed ones is reported).
         compile: run ``torch.compile(model)`` (compilation happens during warm-up).
         memory: measure peak memory (one extra untimed forward per row).
-        threads: CPU threads for the run (``torch.set_num_threads``; ``None`` keeps PyTorch's setting). On a CPU that
-            other processes share, fewer threads than cores avoids threads waiting on each other.
+        threads: CPU threads for the run (``torch.set_num_threads``): a count, ``"auto"`` (see the module docstring)
+            or ``None`` (PyTorch's setting).
         progress: show a progress bar on stderr.
 
     Returns:
@@ -285,8 +302,10 @@ def run_bench(
         raise BenchError(f"sizes must be positive integers, got {list(sizes)}")
     if batch_size < 1 or repeat < 1 or warmup < 0:
         raise BenchError(f"need batch_size >= 1, repeat >= 1, warmup >= 0; got {batch_size}, {repeat}, {warmup}")
-    if threads is not None and threads < 1:
-        raise BenchError(f"threads must be >= 1, got {threads}")
+    if threads == "auto":
+        threads = auto_threads() if dev.type == "cpu" else None
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise BenchError(f"threads must be an integer >= 1 or 'auto', got {threads!r}")
     threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -299,7 +318,6 @@ def run_bench(
 
 def _run_all(model, chosen, sizes, batch_size, dev, dt, dtype, warmup, repeat, compile, memory, progress):
     from tqdm import tqdm
-
 
     common = {"model": model, "batch_size": batch_size, "device": str(dev), "dtype": dtype, "compiled": compile,
               "threads": torch.get_num_threads()}

@@ -78,6 +78,15 @@ def _csv(kind: Callable, what: str):
     return parse
 
 
+def _threads(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threads: expected an integer or 'auto', got {text!r}") from None
+
+
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
     from visionfx.bench import DEFAULTS, DTYPES
 
@@ -93,8 +102,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=d["warmup"], help=f"untimed forwards per row (default {d['warmup']})")
     p.add_argument("--repeat", type=int, default=d["repeat"],
                    help=f"timed forwards per row; the median is reported (default {d['repeat']})")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: PyTorch's choice); 1 gives steadier numbers on a busy machine")
+    p.add_argument("--threads", type=_threads, default="auto",
+                   help="CPU threads, or auto (default): PyTorch's choice, fewer when other processes keep CPUs busy")
     p.add_argument("--compile", action="store_true", help="benchmark torch.compile(model)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory forward")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -120,11 +129,11 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     threads = rows[0]["threads"]
     load = env["load_average_1_5_15min"]
     print(f"{args.model}, batch {args.batch_size}, {args.dtype} on {env['device_name']} ({env['device']}, "
-          f"{threads} threads{f', load {load[0]:.1f}' if load else ''})"
+          f"{threads} thread{'s' if threads != 1 else ''}{f', load {load[0]:.1f}' if load else ''})"
           f"{', compiled' if args.compile else ''}; median of {args.repeat} after {args.warmup} warm-up")
     if load and env["device"] == "cpu" and load[0] > (env["cpu_affinity"] or env["cpu_count"] or 1) - 0.5:
-        print(f"note: the CPU is busy (load {load[0]:.1f} on {env['cpu_affinity'] or env['cpu_count']} CPUs): other "
-              "processes slow every row and make timings noisy; try --threads 1 or an idle machine")
+        print(f"note: the CPU was busy before the run (load {load[0]:.1f} on {env['cpu_affinity'] or env['cpu_count']} "
+              "CPUs): other processes slow every row and make timings noisier than on an idle machine")
     print(bench.format_rows(rows))
     if args.json:
         methods = [r["method"] for r in rows if r["size"] == rows[0]["size"]][1:]
