@@ -46,16 +46,8 @@ from torch import nn
 
 from visionfx.config import MethodConfig, suggest
 
-__all__ = [
-    "BenchError",
-    "DEFAULTS",
-    "DTYPES",
-    "run_bench",
-    "environment",
-    "format_rows",
-    "write_json",
-    "resolve_methods",
-]
+__all__ = ["BenchError", "DEFAULTS", "DTYPES", "run_bench", "environment", "format_rows", "write_json",
+           "resolve_methods", "auto_threads"]
 
 #: the arguments of a plain ``visionfx bench``: about a minute on a 2-core CPU
 DEFAULTS = dict(
@@ -395,11 +387,19 @@ def _fmt_params(n: int | None) -> str:
     return f"{n / 1e6:.2f}M" if abs(n) >= 1e5 else f"{n / 1e3:.1f}k" if abs(n) >= 1e3 else str(n)
 
 
+def _spread(row: dict[str, Any]) -> str:
+    times = row["latencies_ms"]
+    if row["error"] is not None or len(times) < 3:
+        return "-"
+    return f"{100 * (max(times) - min(times)) / statistics.median(times):.0f}%"
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    """The rows of :func:`run_bench` as a text table, with the errors of failed rows listed below it."""
+    """The rows of :func:`run_bench` as a text table (``spread``: range of the timed runs over their median), with
+    the errors of failed rows listed below it."""
     from visionfx.utils import format_table
 
-    header = ["size", "tokens", "method", "backend", "ms/batch", "img/s", "speed vs original", "peak MiB",
+    header = ["size", "tokens", "method", "backend", "ms/batch", "spread", "img/s", "speed vs original", "peak MiB",
               "params", "added"]
     table, errors = [], []
     for r in rows:
@@ -412,6 +412,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             r["method"],
             r["backend"],
             "failed" if failed else f"{r['latency_ms']:.1f}",
+            _spread(r),
             "-" if failed else f"{r['images_per_s']:.1f}",
             "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
             "-" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.1f}",
