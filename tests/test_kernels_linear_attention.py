@@ -127,7 +127,7 @@ def test_split_n_path(case, monkeypatch):
 
 
 def test_strided_inputs_and_no_grad():
-    """Views of a packed qkv (as timm makes them) and transposed key weights; no state is saved without grad."""
+    """Views of a packed qkv (as timm makes them) and transposed key weights, forward only (no state saved)."""
     g = torch.Generator().manual_seed(3)
     B, N, H, D = 2, 5, 2, 32
     qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE).permute(2, 0, 3, 1, 4)
@@ -218,6 +218,8 @@ def test_supports_and_dispatch():
     assert "even head dim" in supports("cuda", torch.bfloat16, 33, rope=True)
     assert "float32 only" in supports("cpu", torch.bfloat16, 64)
     assert "dtype" in supports("cuda", torch.float64, 64)
+    assert supports("cuda", torch.float32, 64, **slab) is None
+    assert "float32 with head dim" in supports("cuda", torch.float32, 72, **slab)
     assert "unknown option" in supports("cuda", torch.bfloat16, 64, causal=True)
     fn, backend, _ = choose("linear_attention", "auto", "cuda", torch.bfloat16, 64, **slab)
     assert backend == "triton" and fn is linear_attention_triton
@@ -249,9 +251,10 @@ def test_gpu_low_precision(case, n, d, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 72])  # tf32x3 products up to a 64-wide state, "ieee" beyond
 @pytest.mark.parametrize("case", list(CASES))
-def test_gpu_fp32(case):
-    check_fp32(case, 1, 6, 1025, 72, tol=1e-5)
+def test_gpu_fp32(case, d):
+    check_fp32(case, 1, 6, 1025, d, tol=1e-5)
 
 
 def test_empty_and_interpreter_dtype():

@@ -38,6 +38,9 @@ def supports(device_type: str, dtype: torch.dtype, head_dim: int, **options) -> 
     if device_type == "cuda":
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"dtype {dtype} not supported (float32, bfloat16, float16)"
+        if dtype == torch.float32 and head_dim > 64:
+            return (f"float32 with head dim {head_dim} > 64: the kernel's exact fp32 products no longer fit on chip "
+                    "and would be slower than the reference's cuBLAS matmuls")
     elif dtype != torch.float32:
         return f"the Triton interpreter on {device_type} runs float32 only, got {dtype}"
     return None

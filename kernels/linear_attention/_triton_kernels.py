@@ -13,8 +13,8 @@ program per (batch, head), keeping the state in registers; the split kernels giv
 combine the partial states with fp32 atomics.
 
 Matrix products: fp32 inputs use ``input_precision=FP32_DOT``: ``"tf32x3"`` on GPUs (three TF32 tensor-core
-products, about fp32 accuracy; ``"ieee"`` FMA products spill kilobytes per thread on sm_90), ``"ieee"`` in the
-interpreter. 16-bit inputs use tensor cores on ``LP`` operands (bf16 on GPUs): an operand that is not exactly
+products, about fp32 accuracy; ``"ieee"`` FMA products spill kilobytes per thread on sm_90) up to a 64-wide state,
+``"ieee"`` beyond and in the interpreter. 16-bit inputs use tensor cores on ``LP`` operands (bf16 on GPUs): an operand that is not exactly
 representable in ``LP`` (the fp32 state, rotated or weighted features) is split into ``hi + lo`` ``LP`` parts and the
 ``lo·lo`` term is dropped, so products keep ~16 significant bits and the fp32 range (fp16 operands could overflow with
 long sequences). ``*_EXACT`` flags skip the ``lo`` terms of operands
@@ -28,7 +28,9 @@ import triton.language as tl
 
 F32 = tl.float32
 # fp32 products: three TF32 tensor-core products (hi·hi + hi·lo + lo·hi, ~fp32 accuracy) on GPUs; the interpreter
-# computes in plain fp32 ("ieee"). Either way, never single-pass TF32 and its ~1e-3 relative error.
+# computes in plain fp32 ("ieee"). Never single-pass TF32 and its ~1e-3 relative error. With a 128-wide state the
+# tf32x3 operand copies overflow shared memory (the backward needs ~330 KiB), so those products use slow but exact
+# "ieee" FMA products; the dispatcher sends fp32 with head dims > 64 to the reference (cuBLAS) instead.
 FP32_DOT: tl.constexpr = tl.constexpr("ieee" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "tf32x3")
 
 
@@ -62,6 +64,8 @@ def _mm(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, LOWP: tl.conste
             acc = tl.dot(ah, (b - bh.to(F32)).to(LP), acc)
         if not A_EXACT:
             acc = tl.dot((a - ah.to(F32)).to(LP), bh, acc)
+    elif b.shape[1] > 64:
+        acc = tl.dot(a, b, acc, input_precision="ieee")  # see FP32_DOT
     else:
         acc = tl.dot(a, b, acc, input_precision=FP32_DOT)
     return acc
@@ -76,6 +80,8 @@ def _mm_state(a, s_hi, s_lo, acc, A_EXACT: tl.constexpr, LOWP: tl.constexpr, LP:
         acc = tl.dot(ah, s_lo, acc)
         if not A_EXACT:
             acc = tl.dot((a - ah.to(F32)).to(LP), s_hi, acc)
+    elif s_hi.shape[1] > 64:
+        acc = tl.dot(a, s_hi, acc, input_precision="ieee")  # see FP32_DOT
     else:
         acc = tl.dot(a, s_hi, acc, input_precision=FP32_DOT)
     return acc
