@@ -6,6 +6,11 @@ padding, shrinks placeholder runs (:func:`shrink_placeholders`) and owns everyth
 (:class:`LlavaHandle`: hooks, instance-attribute wrappers of ``get_image_features`` / ``forward`` / ``generate`` that
 keep the wrapped signatures, ``attn_implementation``), so that ``remove()`` gives back the exact original model.
 
+Methods that act inside the language model (DyVTE, VAR) share :class:`PromptState` (image span, padding, prompt
+length and prefill/decoding of one forward, captured by :meth:`LlavaHandle.watch_inner`, a pre-hook on the inner
+``LlavaModel``), :func:`is_prefill` (empty cache) and :func:`layer_hidden` / :func:`with_layer_hidden` for decoder-layer
+pre-hooks; :meth:`LlavaHandle.finish` post-processes what the wrapped ``forward``/``generate`` return.
+
 Protocol for methods: a ``visual_tokens`` method's spec carries ``install(parts: LlavaParts, config) -> LlavaHandle``
 (found through the module of the method's config class). The adapter calls it and stores the handle in the patch
 record; :func:`get_handle` returns it. Nothing is forked: only wrappers made with ``functools.wraps``, forward

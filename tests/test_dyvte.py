@@ -18,8 +18,8 @@ import tiny_llava
 import visionfx
 from tiny_llava import (IMAGE_TOKEN, NUM_PATCHES, build_llava, build_llava_next, left_pad, llava_batch,
                         llava_next_batch, prompt, select)
-from visionfx.methods.dyvte import (DyVTEConfig, Router, exit_decision, load_routers, router_features,
-                                    routers_from_official, save_routers)
+from visionfx.methods.dyvte import DyVTEConfig, Router, exit_decision, router_features
+from visionfx.methods.dyvte_io import routers_from_official, save_routers
 from visionfx.methods.dyvte_train import answer_start, branch_logits, exit_labels, train_routers
 from visionfx.patches.llava import LlavaParts, get_handle
 

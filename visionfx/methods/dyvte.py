@@ -33,31 +33,34 @@ Decisions the docs leave open:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from visionfx.config import MethodConfig
-from visionfx.patches.llava import (LlavaHandle, LlavaParts, PromptState, check_left_padding, get_handle, is_prefill,
+from visionfx.patches.llava import (LlavaHandle, LlavaParts, PromptState, check_left_padding, is_prefill,
                                     layer_hidden, prompt_state, with_layer_hidden)
 from visionfx.registry import MethodSpec
 
-__all__ = ["DyVTEConfig", "Router", "DyVTEHandle", "router_features", "exit_decision", "block_mask", "save_routers",
-           "load_routers", "routers_from_official", "install", "ROUTERS_NAME"]
+__all__ = ["DyVTEConfig", "Router", "DyVTEHandle", "router_features", "exit_decision", "block_mask", "apply_block",
+           "gather_mask", "save_routers", "load_routers", "routers_from_official", "install"]
 
 POLICIES = ("exact", "last")
-ROUTERS_NAME = "dyvte_routers.safetensors"
-ROUTERS_CONFIG = "visionfx_config.json"
-ROUTERS_FORMAT = 1
-FEATURE = "mean(text after last image, excl. final) || final prompt token"
+
+
+def __getattr__(name: str):
+    # checkpoint functions live in dyvte_io (which imports this module)
+    if name in ("save_routers", "load_routers", "routers_from_official", "ROUTERS_NAME"):
+        from visionfx.methods import dyvte_io
+
+        return getattr(dyvte_io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,8 @@ class _Sequence:
     keep: torch.Tensor  # [B, M] gather indices
     slot_valid: torch.Tensor | None  # [B, M] bool, None when every slot is real
     routed: bool
+    exit_list: list = field(default_factory=list)  # host copies, so layers need no device sync to decide
+    has_list: list = field(default_factory=list)
     compact_from: int | None = None
 
 
@@ -308,6 +313,8 @@ class DyVTEHandle(LlavaHandle):
         self.routers = nn.ModuleList(routers)
         parts.model.add_module("vfx_routers", self.routers)
         if self.config.routers is not None:
+            from visionfx.methods.dyvte_io import load_routers
+
             load_routers(self, self.config.routers)
         self.watch_inner(self._on_inner)
         for i, layer in enumerate(parts.llm_layers):
@@ -434,7 +441,8 @@ class DyVTEHandle(LlavaHandle):
             exits = forced.clone()
         exits[~has] = -1
         keep, slot_valid = _keep_indices(st.image)
-        self._seq = _Sequence(state=st, exits=exits, keep=keep, slot_valid=slot_valid, routed=forced is None)
+        self._seq = _Sequence(state=st, exits=exits, keep=keep, slot_valid=slot_valid, routed=forced is None,
+                              exit_list=exits.tolist(), has_list=has.tolist())
         self.exit_layers = exits
         self._step = _Step(prefill=True, total=length, float_dtype=float_dtype)
 
@@ -457,19 +465,20 @@ class DyVTEHandle(LlavaHandle):
         if step is None or seq is None:
             return None
         _check_not_compiling()
-        exited = seq.exits < index
-        if step.prefill and self.compaction and bool(exited.all()):
+        exited = [e < index for e in seq.exit_list]
+        if step.prefill and self.compaction and all(exited):
             if seq.compact_from is None:
                 seq.compact_from = self.compact_from = index
                 self.kept_positions = seq.keep if seq.slot_valid is None else seq.keep.masked_fill(~seq.slot_valid, -1)
             return self._compact_prefill(step, seq, args, kwargs)
         if not step.prefill and seq.compact_from is not None and index >= seq.compact_from:
             return self._compact_decode(step, seq, args, kwargs)
-        virtual = exited & seq.state.has_image
-        if self.config.batch_policy == "exact" and bool(virtual.any()):
-            key = ("virtual", tuple(virtual.tolist()))
+        flags = tuple(e and h for e, h in zip(exited, seq.has_list))
+        if self.config.batch_policy == "exact" and any(flags):
+            key = ("virtual", flags)
             cache = step.cache
             if key not in cache:
+                virtual = torch.tensor(flags, device=seq.keep.device)
                 image = seq.state.image
                 if step.total > image.shape[1]:
                     image = torch.nn.functional.pad(image, (0, step.total - image.shape[1]))
@@ -511,9 +520,9 @@ class DyVTEHandle(LlavaHandle):
         step, seq = self._step, self._seq
         if step is None or seq is None or not step.prefill or not seq.routed or step.gathered:
             return
-        pending = (seq.exits == self.num_layers - 1) & seq.state.has_image
-        if not bool(pending.any()):
+        if not any(e == self.num_layers - 1 and h for e, h in zip(seq.exit_list, seq.has_list)):
             return
+        pending = (seq.exits == self.num_layers - 1) & seq.state.has_image
         hidden = output[0] if isinstance(output, tuple) else output
         st = seq.state
         end = torch.full_like(seq.exits, st.prompt_length - 1)
@@ -526,6 +535,7 @@ class DyVTEHandle(LlavaHandle):
             warnings.warn("DyVTE: a prompt has no text between its last image token and its final position; its "
                           "router input is undefined and it never exits", stacklevel=2)
         seq.exits[fire] = index
+        seq.exit_list = seq.exits.tolist()
 
 
 def _keep_indices(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -538,93 +548,6 @@ def _keep_indices(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
     keep = order[:, L - M:]
     valid = (~image).gather(1, keep)
     return keep, (None if bool(valid.all()) else valid)
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------------------
-def _handle_of(model_or_handle) -> DyVTEHandle:
-    handle = model_or_handle if isinstance(model_or_handle, DyVTEHandle) else get_handle(model_or_handle)
-    if not isinstance(handle, DyVTEHandle):
-        raise TypeError("this model is not patched with dyvte")
-    return handle
-
-
-def save_routers(model_or_handle, directory: str | os.PathLike, *, base_model: str | None = None,
-                 revision: str | None = None, prompt_template: str | None = None, training: dict | None = None,
-                 dtype: torch.dtype | None = None) -> Path:
-    """Write ``dyvte_routers.safetensors`` (``routers.{l}.w1.weight [H, 2D]``, ``routers.{l}.w2.weight [2, H]``) and
-    ``visionfx_config.json`` (§2.8) to ``directory``."""
-    from safetensors.torch import save_file
-
-    from visionfx import __version__
-
-    handle = _handle_of(model_or_handle)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for i, r in enumerate(handle.routers):
-        for name in ("w1", "w2"):
-            w = getattr(r, name).weight.detach()
-            tensors[f"routers.{i}.{name}.weight"] = (w.to(dtype) if dtype is not None else w).contiguous().cpu()
-    cfg = handle.parts.config
-    template = prompt_template if prompt_template is not None else handle.config.prompt_template
-    meta = {
-        "format_version": ROUTERS_FORMAT, "visionfx_version": __version__, "method": "dyvte",
-        "base_model": {"name_or_path": base_model or getattr(cfg, "_name_or_path", "") or None, "revision": revision,
-                       "text_hidden_size": handle.hidden_size, "num_layers": handle.num_layers,
-                       "router_hidden": handle.config.router_hidden, "activation": "gelu_erf"},
-        "feature": FEATURE, "decision": "argmax",
-        "prompt_template": template, "image_token_id": handle.parts.image_token_id,
-        "training": training or {"label_rule": {"agreement": 0.99, "loss_ratio": 1.03},
-                                 "k_sampling": "uniform over 0..L-1, one k per step"},
-    }
-    (directory / ROUTERS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    save_file(tensors, str(directory / ROUTERS_NAME), metadata={"format": "pt"})
-    return directory
-
-
-def load_routers(model_or_handle, directory: str | os.PathLike) -> DyVTEHandle:
-    """Load routers written by :func:`save_routers` into a dyvte-patched model; refuse a different D, L or width,
-    warn when the prompt template differs from the handle's ``prompt_template``."""
-    from safetensors.torch import load_file
-
-    handle = _handle_of(model_or_handle)
-    directory = Path(directory)
-    if not (directory / ROUTERS_NAME).is_file():
-        raise FileNotFoundError(f"{directory / ROUTERS_NAME} not found: not a DyVTE router checkpoint")
-    meta = json.loads((directory / ROUTERS_CONFIG).read_text()) if (directory / ROUTERS_CONFIG).is_file() else {}
-    if meta.get("format_version", 0) > ROUTERS_FORMAT:
-        raise ValueError(f"{directory} was written by a newer visionfx (format {meta['format_version']})")
-    base = meta.get("base_model", {})
-    for key, own in (("text_hidden_size", handle.hidden_size), ("num_layers", handle.num_layers),
-                     ("router_hidden", handle.config.router_hidden)):
-        if key in base and int(base[key]) != own:
-            raise ValueError(f"router checkpoint {directory} has {key}={base[key]}, the model needs {own}")
-    saved, own_t = meta.get("prompt_template"), handle.config.prompt_template
-    if saved is not None and own_t is not None and saved != own_t:
-        warnings.warn(f"routers were trained with prompt template {saved!r}, the patch declares {own_t!r}; "
-                      "router decisions are template-specific", stacklevel=2)
-    tensors = load_file(str(directory / ROUTERS_NAME))
-    expected = {f"routers.{i}.{n}.weight": getattr(r, n).weight for i, r in enumerate(handle.routers)
-                for n in ("w1", "w2")}
-    if set(tensors) != set(expected):
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise ValueError(f"router checkpoint {directory} does not match a {handle.num_layers}-layer model: missing "
-                         f"{missing[:4]}, unexpected {extra[:4]}")
-    with torch.no_grad():
-        for key, param in expected.items():
-            if tuple(tensors[key].shape) != tuple(param.shape):
-                raise ValueError(f"{key}: saved shape {tuple(tensors[key].shape)} != model {tuple(param.shape)} "
-                                 "(different hidden size or router width)")
-            param.copy_(tensors[key].to(param.dtype))
-    return handle
-
-
-def routers_from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Router tensors of an official DyVTE full checkpoint (``model.visual_gates_router.{l}.w1/w2.weight``) renamed
-    to this format (``routers.{l}.w1/w2.weight``); everything else is dropped."""
-    prefix = "model.visual_gates_router."
-    return {"routers." + k[len(prefix):]: v for k, v in state_dict.items()
-            if k.startswith(prefix) and k.endswith((".w1.weight", ".w2.weight"))}
 
 
 def install(parts: LlavaParts, config: DyVTEConfig) -> DyVTEHandle:

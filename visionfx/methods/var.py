@@ -262,6 +262,7 @@ class VARHandle(LlavaHandle):
         self.sink_dims = tuple(dims)
         self.layers = tuple(i for i in default if config.layers is None or i in config.layers)
         self.sink_masks: dict[int, torch.Tensor] = {}
+        self._active: dict[int, tuple] = {}
         self.state = None
         self._prefill = False
         self._prompt_length = self._image_mask = None
@@ -308,7 +309,7 @@ class VARHandle(LlavaHandle):
         self._prefill = is_prefill(kw.get("past_key_values"))
         if not self._prefill:
             return
-        self.sink_masks = {}
+        self.sink_masks, self._active = {}, {}
         length = (ids if ids is not None else embeds).shape[1]
         self.state = prompt_state(ids, kw.get("attention_mask"), self.parts.image_token_id, self._image_mask,
                                   length, self._prompt_length)
@@ -320,18 +321,21 @@ class VARHandle(LlavaHandle):
         with torch.no_grad():
             score = sink_scores(x, self.sink_dims)
         pos = torch.arange(st.length, device=x.device)
-        self.sink_masks[index] = (score > self.config.tau) & st.valid & (pos < st.prompt_length)
+        sinks = (score > self.config.tau) & st.valid & (pos < st.prompt_length)
+        self.sink_masks[index] = sinks
+        has = (sinks & st.image).any(1)
+        # decided once per prefill on the host, so decoding steps need no device sync
+        starts = torch.where(has, st.last_image + 1, torch.full_like(st.last_image, st.length))
+        self._active[index] = (has, bool(has.any()), int(starts.min()))
 
     def _context(self, layer: int, q_len: int, s_len: int) -> dict | None:
         """What :func:`var_attention` needs at ``layer`` for ``q_len`` queries over ``s_len`` keys (``None``:
         nothing can change)."""
-        st, sinks = self.state, self.sink_masks.get(layer)
-        if st is None or sinks is None:
+        st, sinks, active = self.state, self.sink_masks.get(layer), self._active.get(layer)
+        if st is None or sinks is None or active is None or not active[1]:
             return None
         image = st.image
-        has = (sinks & image).any(1)
-        if not bool(has.any()):
-            return None
+        has = active[0]
         if s_len > image.shape[1]:
             pad = s_len - image.shape[1]
             image, sinks = (nn.functional.pad(t, (0, pad)) for t in (image, sinks))
@@ -343,8 +347,7 @@ class VARHandle(LlavaHandle):
         else:
             rows = torch.ones(B, q_len, dtype=torch.bool, device=image.device)
         rows = rows & has[:, None]
-        starts = torch.where(has, st.last_image + 1, torch.full_like(st.last_image, s_len))
-        first = max(int(starts.min()) - (s_len - q_len), 0) if self._prefill else 0
+        first = max(active[2] - (s_len - q_len), 0) if self._prefill else 0
         cfg = self.config
         return {"image": image, "sinks": sinks, "rows": rows, "first_row": first,
                 "params": {"p": cfg.p, "rho": cfg.rho, "summ": cfg.summ, "eps": cfg.eps,
