@@ -224,6 +224,21 @@ def test_official_code_preset_matches_transcription():
 
 
 # --- model: invariants 1, 19, 20, 22 -------------------------------------------------------------------------------
+def test_save_load_round_trip(llava, batch, cleanup, tmp_path):
+    hook, _ = inject(llava, batch, INJECT)
+    cleanup(hook)
+    visionfx.patch(llava, "var", sink_dims=[D], tau=TAU, summ=0.1, preset="general")
+    with torch.no_grad():
+        logits = llava(**batch).logits
+    visionfx.save_pretrained(llava, tmp_path)
+    config = visionfx.get_config(llava)
+    visionfx.unpatch(llava)
+    visionfx.load_pretrained(llava, tmp_path)
+    assert visionfx.get_config(llava) == config and config.sink_dims == (D,) and config.rho == 0.8
+    with torch.no_grad():
+        assert torch.equal(llava(**batch).logits, logits)
+
+
 def test_unpatch_restores_and_registration(llava, batch, cleanup):
     from transformers.masking_utils import AttentionMaskInterface
 
