@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import timm
@@ -135,18 +136,21 @@ def test_bench_cuda_missing(capsys):
 
 def test_bench_kernels_flag(monkeypatch, capsys):
     monkeypatch.delattr(visionfx.bench, "kernel_bench", raising=False)
+    monkeypatch.setitem(sys.modules, "visionfx.bench_kernels", None)  # makes the import fail
     assert main(["bench", "--kernels"]) == 2
     assert "not available" in capsys.readouterr().err
 
     seen = {}
 
-    def kernel_bench(device, dtype, repeat):
-        seen.update(device=device, dtype=dtype, repeat=repeat)
-        return 0
+    def kernel_bench(device, dtype="bf16", json_path=None):
+        seen.update(device=device, dtype=dtype, json_path=json_path)
+        return [{"N": 9}]
 
     monkeypatch.setattr(visionfx.bench, "kernel_bench", kernel_bench, raising=False)
-    assert main(["bench", "--kernels", "--dtype", "bf16", "--repeat", "7", "--device", "cpu"]) == 0
-    assert seen == {"device": "cpu", "dtype": "bf16", "repeat": 7}
+    assert main(["bench", "--kernels", "--device", "cpu"]) == 0
+    assert seen == {"device": "cpu", "dtype": "bf16", "json_path": None}  # its own dtype default kept
+    assert main(["bench", "--kernels", "--dtype", "fp32", "--json", "k.json"]) == 0
+    assert seen == {"device": "auto", "dtype": "fp32", "json_path": "k.json"}
 
 
 def test_auto_threads_follow_the_load(monkeypatch):

@@ -98,7 +98,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated square image sizes (default {','.join(map(str, d['sizes']))})")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"images per forward (default {d['batch_size']})")
     p.add_argument("--device", default=d["device"], help="auto, cpu, cuda or cuda:N (default auto: CUDA if present)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=d["dtype"], help=f"default {d['dtype']}")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=f"default {d['dtype']}")
     p.add_argument("--warmup", type=int, default=d["warmup"], help=f"untimed forwards per row (default {d['warmup']})")
     p.add_argument("--repeat", type=int, default=d["repeat"],
                    help=f"timed forwards per row; the median is reported (default {d['repeat']})")
@@ -114,13 +114,13 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from visionfx import bench
 
+    if args.kernels:
+        return _run_kernel_bench(args)
     settings = {
         "model": args.model, "methods": args.methods, "sizes": args.sizes, "batch_size": args.batch_size,
-        "device": args.device, "dtype": args.dtype, "warmup": args.warmup, "repeat": args.repeat,
-        "compile": args.compile, "memory": not args.no_memory, "threads": args.threads,
+        "device": args.device, "dtype": args.dtype or bench.DEFAULTS["dtype"], "warmup": args.warmup,
+        "repeat": args.repeat, "compile": args.compile, "memory": not args.no_memory, "threads": args.threads,
     }
-    if args.kernels:
-        return _run_kernel_bench(bench, args, settings)
     try:
         env = bench.environment(args.device)
         rows = bench.run_bench(**settings, progress=not args.no_progress)
@@ -142,18 +142,37 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 1 if all(r["error"] is not None for r in rows) else 0
 
 
-def _run_kernel_bench(bench, args: argparse.Namespace, settings: dict) -> int:
+def _kernel_bench_function():
+    """The kernel micro-benchmark: ``visionfx.bench.kernel_bench`` or ``visionfx.bench_kernels.kernel_bench``."""
+    from visionfx import bench
+
     fn = getattr(bench, "kernel_bench", None)
     if fn is None:
-        print("visionfx bench --kernels: the kernel micro-benchmark is not available yet in this version "
-              "(visionfx.bench.kernel_bench is missing); run 'visionfx bench' without --kernels for whole models.",
-              file=sys.stderr)
+        try:
+            from visionfx.bench_kernels import kernel_bench as fn
+        except ImportError:
+            return None
+    return fn
+
+
+def _run_kernel_bench(args: argparse.Namespace) -> int:
+    fn = _kernel_bench_function()
+    if fn is None:
+        print("visionfx bench --kernels: the kernel micro-benchmark is not available in this installation "
+              "(no visionfx.bench.kernel_bench or visionfx.bench_kernels); run 'visionfx bench' without --kernels "
+              "for whole models.", file=sys.stderr)
         return 2
-    # pass only what the micro-benchmark accepts, so both sides can evolve independently
-    offered = {**settings, "json_path": args.json, "progress": not args.no_progress}
+    # pass what the user chose and the micro-benchmark accepts; it keeps its own defaults for the rest
+    offered = {"device": args.device, "json_path": args.json, "progress": not args.no_progress}
+    if args.dtype is not None:
+        offered["dtype"] = args.dtype
     params = inspect.signature(fn).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    result = fn(**{k: v for k, v in offered.items() if takes_all or k in params})
+    try:
+        result = fn(**{k: v for k, v in offered.items() if takes_all or k in params})
+    except ValueError as e:
+        print(f"visionfx bench --kernels: error: {e}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 
