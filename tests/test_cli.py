@@ -62,6 +62,7 @@ def test_bench_prints_table_and_writes_json(capsys, tmp_path):
     assert any(ln.split()[:3] == ["32", "5", "original"] for ln in table)  # 2x2 grid + CLS
     assert any(ln.split()[:3] == ["32", "5", "slab"] for ln in table)
     assert "speed vs original" in out
+    assert table[0].startswith("test_vit, batch 1, fp32 on ") and "1 thread" in table[0]
 
     data = json.loads(path.read_text())
     env = data["environment"]

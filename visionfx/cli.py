@@ -128,7 +128,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error(str(e))
     threads = rows[0]["threads"]
     load = env["load_average_1_5_15min"]
-    print(f"{args.model}, batch {args.batch_size}, {args.dtype} on {env['device_name']} ({env['device']}, "
+    print(f"{args.model}, batch {args.batch_size}, {settings['dtype']} on {env['device_name']} ({env['device']}, "
           f"{threads} thread{'s' if threads != 1 else ''}{f', load {load[0]:.1f}' if load else ''})"
           f"{', compiled' if args.compile else ''}; median of {args.repeat} after {args.warmup} warm-up")
     if load and env["device"] == "cpu" and load[0] > (env["cpu_affinity"] or env["cpu_count"] or 1) - 0.5:
