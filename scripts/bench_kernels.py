@@ -1,4 +1,4 @@
-"""Benchmark the linear-attention op (SDPA vs reference vs Triton kernel); see visionfx/bench_kernels.py.
+"""Benchmark the token-mixer ops (SDPA vs reference vs Triton kernel); see visionfx/bench_kernels.py.
 
     python scripts/bench_kernels.py --json results/kernels.json                 # H200 run, B·N ≈ 64·197
     python scripts/bench_kernels.py --batch 64                                  # PERFORMANCE.md's fixed-batch table
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--batch", type=int, default=None, help="fixed batch for every N (default: B·N ≈ 64·197)")
-    p.add_argument("--configs", default="slab,rala,inline", help="comma-separated: slab, rala, inline")
+    p.add_argument("--configs", default="slab,rala,inline,agent,vig", help="comma-separated: slab, rala, inline, agent, vig")
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--json", default=None, metavar="PATH", help="write environment, settings and rows as JSON")
     args = p.parse_args(argv)

@@ -1,10 +1,11 @@
-"""Micro-benchmark of the linear-attention op: SDPA as shipped vs the PyTorch reference vs the Triton kernel.
+"""Micro-benchmark of the token-mixer ops: SDPA as shipped vs the PyTorch reference vs the Triton kernel.
 
 :func:`kernel_bench` times, for each token count N (ViT-S geometry by default: H = 6, d = 64, bf16), the forward and
-the forward+backward of ``F.scaled_dot_product_attention`` (the model as it ships), of
-``linear_attention_reference`` and of ``linear_attention_triton`` with the options of the slab, rala and inline
-mixers, and reports the kernel's time against the memory floor ``bytes / bandwidth`` (PERFORMANCE.md: forward reads
-Q, K, V and writes O, ``4·B·H·N·d`` elements; forward+backward adds reading Q, K, V, dO and writing dQ, dK, dV).
+the forward+backward of ``F.scaled_dot_product_attention`` (the model as it ships), of each op's reference and of its
+Triton kernel: the linear-attention op with the options of the slab, rala and inline mixers, agent attention with 49
+agents and its position biases, and bidirectional gated linear attention (vig). It reports the kernel's time against
+the memory floor ``bytes / bandwidth`` (PERFORMANCE.md: forward reads Q, K, V and writes O, ``4·B·H·N·d`` elements,
+plus vig's two fp32 gate tensors; forward+backward adds reading Q, K, V, dO and writing dQ, dK, dV).
 
 Decisions the specs leave open:
 
@@ -41,7 +42,11 @@ CONFIGS = {
     "slab": dict(feature="relu", normalizer="divisive"),
     "rala": dict(feature="elu1", normalizer="divisive", key_weights=True, rope=True),
     "inline": dict(feature="identity", normalizer="subtractive", scale=None),
+    "agent": dict(op="agent_attention", agents=49),
+    "vig": dict(op="bidir_gla"),
 }
+#: extra bytes per element of q read by an op's forward beyond Q, K, V and O (vig: its two fp32 gate tensors)
+_EXTRA_BYTES = {"vig": 8}
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
 
@@ -81,10 +86,23 @@ def _timer(device: torch.device, warmup_ms: float, rep_ms: float) -> Callable[[C
     return wall
 
 
+def _op(config: str) -> str:
+    return CONFIGS[config].get("op", "linear_attention")
+
+
 def _inputs(config: str, B: int, H: int, N: int, d: int, dtype, device, grad: bool):
-    """``(q, k, v, options)`` for one mixer configuration."""
+    """``(args, options)`` of one configuration's op call; ``args[:3]`` are q, k, v."""
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(B, H, N, d, generator=g).to(device, dtype).requires_grad_(grad) for _ in range(3))
+    if _op(config) == "agent_attention":
+        n = CONFIGS[config]["agents"]
+        a = torch.randn(B, H, n, d, generator=g).to(device, dtype).requires_grad_(grad)
+        b1, b2 = (0.1 * torch.randn(*s, generator=g).to(device).requires_grad_(grad) for s in ((H, n, N), (H, N, n)))
+        return [q, k, v, a, b1, b2], dict(scale1=d**-0.5, scale2=d**-0.5)
+    if _op(config) == "bidir_gla":
+        gates = F.logsigmoid(torch.randn(2, B, H, N, d, generator=g) + 4.0) / 16  # the vig parametrisation
+        gf, gb = (t.to(device).requires_grad_(grad) for t in gates)
+        return [q, k, v, gf, gb], dict(scale=d**-0.5)
     opts = {key: val for key, val in CONFIGS[config].items() if key not in ("key_weights", "rope")}
     if "scale" in opts:
         opts["scale"] = d**-0.5
@@ -94,35 +112,37 @@ def _inputs(config: str, B: int, H: int, N: int, d: int, dtype, device, grad: bo
     if CONFIGS[config].get("rope"):
         ang = torch.arange(N, dtype=torch.float32)[:, None] * torch.logspace(0, -4, d // 2)[None, :]
         opts["rope"] = (ang.cos().to(device), ang.sin().to(device))
-    return q, k, v, opts
+    return [q, k, v], opts
 
 
-def _fwd(fn, q, k, v, opts):
-    return lambda: fn(q, k, v, **opts)
+def _fwd(fn, args, opts):
+    return lambda: fn(*args, **opts)
 
 
-def _fwd_bwd(fn, q, k, v, opts):
-    leaves = [q, k, v] + ([opts["key_weights"]] if "key_weights" in opts else [])
-    go = torch.randn_like(q)
+def _fwd_bwd(fn, args, opts):
+    leaves = [t for t in (*args, opts.get("key_weights")) if t is not None and t.requires_grad]
+    go = torch.randn_like(args[0])
 
     def step():
-        o = fn(q, k, v, **opts)
-        torch.autograd.grad(o, leaves, go, allow_unused=True)  # SDPA ignores the key weights
+        o = fn(*args, **opts)
+        torch.autograd.grad(o, leaves, go, allow_unused=True)  # SDPA ignores everything but q, k, v
 
     return step
 
 
-def _sdpa(q, k, v, **_):
+def _sdpa(q, k, v, *_, **__):
     return F.scaled_dot_product_attention(q, k, v)
 
 
 def _triton_refusal(device: torch.device, dtype: torch.dtype, d: int, config: str) -> str | None:
     from visionfx.kernels.dispatch import refusal, get_op
 
-    opts = {key: (True if key in ("key_weights", "rope") else val) for key, val in CONFIGS[config].items()}
-    opts.pop("scale", None)
+    opts = {}
+    if _op(config) == "linear_attention":
+        opts = {key: (True if key in ("key_weights", "rope") else val) for key, val in CONFIGS[config].items()}
+        opts.pop("scale", None)
     # off CUDA the kernel runs only in the interpreter, which the dispatcher uses only when forced
-    return refusal(get_op("linear_attention"), device.type, dtype, d, forced=device.type != "cuda", **opts)
+    return refusal(get_op(_op(config)), device.type, dtype, d, forced=device.type != "cuda", **opts)
 
 
 def kernel_bench(
@@ -133,7 +153,7 @@ def kernel_bench(
     device: str = "auto",
     batch: int | None = None,
     tokens_per_batch: int = 64 * 197,
-    configs: Sequence[str] = ("slab", "rala", "inline"),
+    configs: Sequence[str] = tuple(CONFIGS),
     backward: bool = True,
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
@@ -149,7 +169,7 @@ def kernel_bench(
         dtype: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype.
         device: ``"auto"``, ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
         batch: fixed B for every N; default ``round(tokens_per_batch / N)``.
-        configs: mixers whose op options to time (``slab``, ``rala``, ``inline``).
+        configs: which ops to time: ``slab``, ``rala``, ``inline`` (linear-attention options), ``agent``, ``vig``.
         backward: also time forward+backward.
         warmup_ms, rep_ms: ``do_bench`` budgets on CUDA.
         bandwidth_tbps: HBM bandwidth for the floor (H200: 4.28 TB/s measured copy).
@@ -160,7 +180,7 @@ def kernel_bench(
         One dict per (N, config): shapes, median milliseconds per implementation (``None`` where it cannot run, with
         ``notes``), the floors, ``x_floor`` and ``vs_sdpa`` ratios.
     """
-    from visionfx.kernels.linear_attention import linear_attention_reference
+    from visionfx.kernels.dispatch import _load, get_op
 
     dev, dt = _device(device), _dtype(dtype)
     unknown = [c for c in configs if c not in CONFIGS]
@@ -176,32 +196,34 @@ def kernel_bench(
         if dev.type == "cpu" and batch is None:
             B = 1
         elems = B * heads * n * head_dim
-        floor_fwd = 4 * elems * elt / (bandwidth_tbps * 1e12) * 1e3
-        floor_fb = (4 + 7) * elems * elt / (bandwidth_tbps * 1e12) * 1e3
         for config in configs:
+            extra = _EXTRA_BYTES.get(config, 0)
+            floor_fwd = (4 * elt + extra) * elems / (bandwidth_tbps * 1e12) * 1e3
+            floor_fb = ((4 + 7) * elt + 2 * extra) * elems / (bandwidth_tbps * 1e12) * 1e3
             row: dict[str, Any] = dict(N=n, B=B, H=heads, d=head_dim, dtype=str(dt).replace("torch.", ""),
                                        config=config, floor_fwd_ms=floor_fwd, floor_fwd_bwd_ms=floor_fb, notes=[])
+            op = get_op(_op(config))
             why, tri = _triton_refusal(dev, dt, head_dim, config), None
             if why is None:
-                from visionfx.kernels.linear_attention.triton import linear_attention_triton as tri
+                tri = _load(op.triton)
             else:
                 hint = " (set TRITON_INTERPRET=1 for an interpreted smoke test)" if dev.type == "cpu" else ""
                 row["notes"].append(f"triton: {why}{hint}")
-            impls = {"sdpa": _sdpa, "reference": linear_attention_reference, "triton": tri}
+            impls = {"sdpa": _sdpa, "reference": op.reference, "triton": tri}
             for mode in ("fwd", "fwd_bwd") if backward else ("fwd",):
                 for name, fn in impls.items():
                     key = f"{name}_{mode}_ms"
                     row[key] = None
                     if fn is None:
                         continue
-                    q, k, v, opts = _inputs(config, B, heads, n, head_dim, dt, dev, grad=mode == "fwd_bwd")
-                    step = (_fwd if mode == "fwd" else _fwd_bwd)(fn, q, k, v, opts)
+                    args, opts = _inputs(config, B, heads, n, head_dim, dt, dev, grad=mode == "fwd_bwd")
+                    step = (_fwd if mode == "fwd" else _fwd_bwd)(fn, args, opts)
                     try:
                         with torch.set_grad_enabled(mode == "fwd_bwd"):
                             row[key] = bench(step)
                     except (RuntimeError, ValueError) as e:  # out of memory, unsupported backend
                         row["notes"].append(f"{name} {mode}: {str(e).splitlines()[0][:200]}")
-                    del q, k, v, opts, step
+                    del args, opts, step
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
             _ratios(row)
