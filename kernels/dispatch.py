@@ -53,14 +53,20 @@ def get_op(name: str) -> Op:
     return _OPS[name]
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_STATUS: dict[str, str | None] = {}
+
+
 def triton_available() -> str | None:
-    """``None`` if Triton can run kernels here, else the reason."""
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the install
-        return f"Triton not importable ({type(e).__name__})"
-    return None
+    """``None`` if Triton can run kernels here, else the reason (probed once; a plain dict, which torch.compile
+    traces without the warning an ``lru_cache`` gives)."""
+    if "reason" not in _TRITON_STATUS:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_STATUS["reason"] = None
+        except Exception as e:  # pragma: no cover - depends on the install
+            _TRITON_STATUS["reason"] = f"Triton not importable ({type(e).__name__})"
+    return _TRITON_STATUS["reason"]
 
 
 def _interpreting() -> bool:

@@ -27,5 +27,15 @@ __all__ = [
     "explain",
     "reparameterize",
     "recalibrate_bn",
+    "distill",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    # the recovery stack (accelerate, data pipelines) loads only when asked for
+    if name == "distill":
+        from visionfx.recovery import distill
+
+        return distill
+    raise AttributeError(f"module 'visionfx' has no attribute {name!r}")

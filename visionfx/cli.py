@@ -176,12 +176,26 @@ def _run_kernel_bench(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else 0
 
 
-COMMANDS: tuple[Command, ...] = (
+#: the subcommands, in help order: a :class:`Command`, or ``"module:attribute"`` of one defined in its own module
+#: (imported when the parser is built, so those modules may import :class:`Command` from here)
+COMMANDS: tuple[Command | str, ...] = (
     Command("list", "methods x model families, what each needs, and modules that failed to import",
             _list_arguments, _run_list),
     Command("bench", "speed and memory of a model patched with each method vs. the original",
             _bench_arguments, _run_bench),
+    "visionfx.evaluation.cli:COMMAND",
+    "visionfx.recovery.cli:COMMAND",
+    "visionfx.recovery.cli:TRAIN_COMMAND",
 )
+
+
+def _resolve(cmd: Command | str) -> Command:
+    if isinstance(cmd, Command):
+        return cmd
+    import importlib
+
+    module, _, attr = cmd.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="visionfx", description="Patch vision and multimodal models with efficient token mixers.")
     parser.add_argument("--version", action="version", version=f"visionfx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for cmd in COMMANDS:
+    for cmd in map(_resolve, COMMANDS):
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
         p.set_defaults(_command=cmd, _parser=p)
