@@ -11,7 +11,8 @@ length and prefill/decoding of one forward, captured by :meth:`LlavaHandle.watch
 ``LlavaModel``), :func:`is_prefill` (empty cache) and :func:`layer_hidden` / :func:`with_layer_hidden` for decoder-layer
 pre-hooks; :meth:`LlavaHandle.finish` post-processes what the wrapped ``forward``/``generate`` return.
 
-Protocol for methods: a ``visual_tokens`` method's spec carries ``install(parts: LlavaParts, config) -> LlavaHandle``
+Protocol for methods: a ``visual_tokens`` method's spec carries its handle class (``handle(parts: LlavaParts, config)``,
+a :class:`LlavaHandle` with ``install()`` and ``remove()``)
 (found through the module of the method's config class). The adapter calls it and stores the handle in the patch
 record; :func:`get_handle` returns it. Nothing is forked: only wrappers made with ``functools.wraps``, forward
 (pre-)hooks and ``set_attn_implementation``.
@@ -520,7 +521,7 @@ def get_handle(model: nn.Module) -> LlavaHandle:
 
 
 class LlavaAdapter(Adapter):
-    """Site ``visual_tokens`` for transformers LLaVA and LLaVA-NeXT; the method module's ``install`` does the rest."""
+    """Site ``visual_tokens`` for transformers LLaVA and LLaVA-NeXT; the method's handle does the rest."""
 
     name = "llava"
 
@@ -530,10 +531,14 @@ class LlavaAdapter(Adapter):
     def apply(self, model: nn.Module, spec, config) -> dict[str, Any]:
         if spec.site != "visual_tokens":
             return super().apply(model, spec, config)
-        if spec.install is None:
-            raise TypeError(f"method {spec.name!r} declares no install(parts, config) for LLaVA models")
-        parts = LlavaParts.of(model)
-        handle = spec.install(parts, config)
+        if spec.handle is None:
+            raise TypeError(f"method {spec.name!r} declares no handle class for LLaVA models")
+        handle = spec.handle(LlavaParts.of(model), config)
+        try:
+            handle.install()
+        except BaseException:
+            handle.remove()
+            raise
         return {"site": "visual_tokens", "paths": [], "handle": handle}
 
     def remove(self, model: nn.Module, record: dict[str, Any]) -> None:

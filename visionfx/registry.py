@@ -32,8 +32,9 @@ class MethodSpec:
         summary: one line for tables.
         regime: what the method needs on a pretrained model (``"training-free"``, ``"fine-tuning"``, ...).
         paper: the paper reference.
-        install: for hook-based methods (site ``visual_tokens``): ``install(parts, config) -> handle``, called by the
-            model family's adapter with its bookkeeping object; the handle's ``remove()`` undoes the patch.
+        handle: for hook-based methods (site ``visual_tokens``): the handle class; the model family's adapter builds
+            ``handle(parts, config)`` with its bookkeeping object, calls its ``install()`` (and ``remove()`` if that
+            fails), and ``remove()`` undoes the patch.
     """
 
     name: str
@@ -43,7 +44,7 @@ class MethodSpec:
     summary: str
     regime: str
     paper: str = ""
-    install: Any = field(default=None, compare=False)
+    handle: Any = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.site not in SITES:

@@ -49,7 +49,7 @@ from visionfx.patches.llava import (LlavaHandle, LlavaParts, PromptState, check_
 from visionfx.registry import MethodSpec
 
 __all__ = ["DyVTEConfig", "Router", "DyVTEHandle", "router_features", "exit_decision", "block_mask", "apply_block",
-           "gather_mask", "save_routers", "load_routers", "routers_from_official", "install"]
+           "gather_mask", "save_routers", "load_routers", "routers_from_official"]
 
 POLICIES = ("exact", "last")
 
@@ -550,17 +550,6 @@ def _keep_indices(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
     return keep, (None if bool(valid.all()) else valid)
 
 
-def install(parts: LlavaParts, config: DyVTEConfig) -> DyVTEHandle:
-    """Patch the LLaVA model described by ``parts`` (called by the llava adapter)."""
-    handle = DyVTEHandle(parts, config)
-    try:
-        handle.install()
-    except BaseException:
-        handle.remove()
-        raise
-    return handle
-
-
 METHOD = MethodSpec(
     name="dyvte",
     site="visual_tokens",
@@ -569,5 +558,5 @@ METHOD = MethodSpec(
     summary="drop all visual tokens from the LLM after a router-chosen layer",
     regime="router training (LLM frozen)",
     paper="arXiv 2411.19628",
-    install=install,
+    handle=DyVTEHandle,
 )

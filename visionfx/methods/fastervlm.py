@@ -44,7 +44,7 @@ from visionfx.config import MethodConfig
 from visionfx.patches.llava import LlavaHandle, LlavaParts, call_kwargs, check_left_padding, shrink_placeholders
 from visionfx.registry import MethodSpec
 
-__all__ = ["FasterVLMConfig", "VTCCLSConfig", "FasterVLMHandle", "cls_row_scores", "select_tokens", "install"]
+__all__ = ["FasterVLMConfig", "VTCCLSConfig", "FasterVLMHandle", "cls_row_scores", "select_tokens"]
 
 SCORE_DTYPES = ("float32", "model")
 
@@ -418,17 +418,6 @@ class FasterVLMHandle(LlavaHandle):
         return kw
 
 
-def install(parts: LlavaParts, config: FasterVLMConfig) -> FasterVLMHandle:
-    """Patch the LLaVA model described by ``parts`` (called by the llava adapter)."""
-    handle = FasterVLMHandle(parts, config)
-    try:
-        handle.install()
-    except BaseException:
-        handle.remove()
-        raise
-    return handle
-
-
 METHODS = [
     MethodSpec(
         name="fastervlm",
@@ -438,7 +427,7 @@ METHODS = [
         summary="keep the visual tokens the CLIP [CLS] attends to most, before the LLM",
         regime="training-free",
         paper="arXiv 2412.01818",
-        install=install,
+        handle=FasterVLMHandle,
     ),
     MethodSpec(
         name="vtc_cls",
@@ -448,6 +437,6 @@ METHODS = [
         summary="FasterVLM scoring summed over the CLS rows of several CLIP layers",
         regime="training-free",
         paper="arXiv 2412.05819",
-        install=install,
+        handle=FasterVLMHandle,
     ),
 ]

@@ -48,7 +48,7 @@ from visionfx.patches.llava import (LlavaHandle, LlavaParts, check_left_padding,
 from visionfx.registry import MethodSpec
 
 __all__ = ["VARConfig", "VARHandle", "var_attention", "redistribute", "sink_scores", "find_sink_dims",
-           "known_sink_dims", "install", "ATTN_NAME", "KNOWN_SINK_DIMS"]
+           "known_sink_dims", "ATTN_NAME", "KNOWN_SINK_DIMS"]
 
 ATTN_NAME = "visionfx_var"
 MODES = ("eager", "hybrid")
@@ -425,17 +425,6 @@ def find_sink_dims(model: nn.Module, batches, tau_c: float = 20.0, layer_frac: f
     return dims
 
 
-def install(parts: LlavaParts, config: VARConfig) -> VARHandle:
-    """Patch the LLaVA model described by ``parts`` (called by the llava adapter)."""
-    handle = VARHandle(parts, config)
-    try:
-        handle.install()
-    except BaseException:
-        handle.remove()
-        raise
-    return handle
-
-
 METHOD = MethodSpec(
     name="var",
     site="visual_tokens",
@@ -444,5 +433,5 @@ METHOD = MethodSpec(
     summary="redistribute attention from sink tokens to the other visual tokens (image-centric heads)",
     regime="training-free",
     paper="arXiv 2503.03321",
-    install=install,
+    handle=VARHandle,
 )
