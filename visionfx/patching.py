@@ -122,7 +122,7 @@ def explain(model: nn.Module, file=sys.stdout) -> list[dict[str, Any]]:
             module = model.get_submodule(path)
             mixer = getattr(module, MIXER_NAME, None)
             if mixer is not None:
-                backend, why = mixer.backend_info()
+                backend, why = mixer.backend_info(next(module.parameters(), None))
                 added = _count(mixer)
             else:
                 backend, why = "reference", "pure PyTorch module"

@@ -136,13 +136,14 @@ class TokenMixer(nn.Module):
 
         return choose(self.op, self.config.backend, x.device.type, x.dtype, self.head_dim, **self.op_options())[0]
 
-    def backend_info(self) -> tuple[str, str]:
-        """``(backend, reason)`` for this layer's parameters' device and dtype; shown by ``visionfx.explain``."""
+    def backend_info(self, like: torch.Tensor | None = None) -> tuple[str, str]:
+        """``(backend, reason)`` for inputs on the device and in the dtype of ``like`` (default: this mixer's first
+        parameter); shown by ``visionfx.explain``, which passes the host's weights (a mixer may add no parameters)."""
         from visionfx.kernels.dispatch import choose
 
         if not self.op:
             return "reference", "pure PyTorch method"
-        p = next(self.parameters(), None)
+        p = like if like is not None else next(self.parameters(), None)
         device, dtype = (p.device.type, p.dtype) if p is not None else ("cpu", torch.float32)
         try:
             return choose(self.op, self.config.backend, device, dtype, self.head_dim, **self.op_options())[1:]
