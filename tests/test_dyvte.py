@@ -27,13 +27,6 @@ TEXTS = [([5, 6], [7, 8, 9]), ([5, 6, 9, 10, 11], [7, 3])]
 L = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
 def llava(request):

@@ -31,14 +31,6 @@ CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.485
           "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def imagenet(tmp_path_factory) -> Path:
     """``root/synset_words.txt`` + ``root/val/<wnid>/*.JPEG``: the first class folders of the archive and a few

@@ -30,13 +30,6 @@ WEIGHT_SCALE = 8.0
 LLAVA_KEYS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="session")
 def easy_vqa(tmp_path_factory) -> dict:

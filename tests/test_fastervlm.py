@@ -22,14 +22,6 @@ FEATURE_LAYER = 2  # vision_feature_layer=-2 on a 4-layer tower
 TEXTS = [([5, 6], [7, 8]), ([5, 6, 9, 10, 11], [7])]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: extra threads only add contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def llava():

@@ -28,13 +28,6 @@ INJECT = [[0, 6], [0, 12]]  # per row, offsets from its first real token: BOS an
 L = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def llava():
