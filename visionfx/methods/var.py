@@ -47,8 +47,8 @@ from visionfx.patches.llava import (LlavaHandle, LlavaParts, check_left_padding,
                                     prompt_state)
 from visionfx.registry import MethodSpec
 
-__all__ = ["VARConfig", "VARHandle", "var_attention", "redistribute", "sink_scores", "find_sink_dims",
-           "known_sink_dims", "ATTN_NAME", "KNOWN_SINK_DIMS"]
+__all__ = ["VARConfig", "VARHandle", "var_attention", "redistribute", "column_masks", "sink_scores",
+           "find_sink_dims", "known_sink_dims", "ATTN_NAME", "KNOWN_SINK_DIMS"]
 
 ATTN_NAME = "visionfx_var"
 MODES = ("eager", "hybrid")
@@ -121,15 +121,35 @@ def known_sink_dims(text_config) -> tuple[int, ...] | None:
     return KNOWN_SINK_DIMS.get((getattr(text_config, "model_type", None), getattr(text_config, "hidden_size", None)))
 
 
-def sink_scores(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-    """``x [..., D]`` -> ``[...]`` fp32: max over ``dims`` of |x_d| / sqrt(mean_d x_d² + 1e-6)."""
-    x = x.float()
-    rms = torch.sqrt(x.pow(2).mean(-1) + RMS_EPS)
-    return x[..., list(dims)].abs().amax(-1) / rms
+def sink_scores(x: torch.Tensor, dims: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """``x [..., D]`` -> ``[...]`` fp32: max over ``dims`` of |x_d| / sqrt(mean_d x_d² + 1e-6).
+
+    The squared norm is reduced in fp32 straight from ``x`` (no fp32 copy of the residual stream); ``dims`` may be a
+    long tensor on ``x``'s device (no index upload per call)."""
+    index = dims if isinstance(dims, torch.Tensor) else torch.tensor(list(dims), device=x.device)
+    sq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()
+    rms = torch.sqrt(sq / x.shape[-1] + RMS_EPS)
+    return x.index_select(-1, index).float().abs().amax(-1) / rms
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    # float64 reductions by matmul are exact enough for the invariants whatever the fp32 matmul precision (TF32) is;
+    # devices without float64 fall back to the weights' dtype
+    return torch.float64 if t.device.type in ("cpu", "cuda") else t.dtype
+
+
+def column_masks(image: torch.Tensor, sinks: torch.Tensor, dtype: torch.dtype,
+                 acc: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 key masks of :func:`redistribute`: ``(reduce [B, S, 4] in acc (image, visual sink, sink, receiver),
+    update [B, 2, S] in dtype (sink, receiver))`` from ``image``/``sinks [B, S]`` bool."""
+    receiver = image & ~sinks
+    reduce = torch.stack([image, image & sinks, sinks, receiver], -1).to(acc or dtype)
+    return reduce, torch.stack([sinks, receiver], 1).to(dtype)
 
 
 def redistribute(attn: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, rows: torch.Tensor, p: float,
-                 rho: float, summ: float, eps: float = 1e-6, official: bool = False) -> torch.Tensor:
+                 rho: float, summ: float, eps: float = 1e-6, official: bool = False,
+                 masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """VAR on post-softmax weights (§3.3-3.4, vectorised over samples, heads and rows).
 
     Args:
@@ -138,29 +158,36 @@ def redistribute(attn: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, r
         rows: ``[B, Q]`` bool, rows that may be modified (the caller also clears samples without a visual sink).
         p, rho, summ: paper convention (p moved, ρ minimum non-sink share, summ minimum image mass).
         official: the public code's arithmetic: head test ``S_vs / Σ(α_img + 1e-6) ≤ 1 − ρ`` and ratios without ε.
+        masks: :func:`column_masks` of ``image``/``sinks`` (their first S columns), when the caller keeps them.
 
     Returns:
         ``[B, H, Q, S]``: selected rows with ``p`` of their sink mass moved to the visual non-sink keys in
-        proportion to their weights; every other row is returned unchanged.
+        proportion to their weights; every other row is returned unchanged (bit for bit).
+
+    The four row masses (image, visual sink, sink, receiver) come from one batched matmul against 0/1 masks, in
+    float64, instead of masked copies of the weights; the update is one fused expression
+    ``α' = α + α · (a·[sink] + c·[receiver])`` with per-row ``a = −p`` and ``c = Ω / Σ_receivers`` on selected rows
+    and 0 elsewhere, so unselected rows and untouched columns get ``α + α·0 = α`` exactly.
     """
-    img = image[:, None, None, :]
-    snk = sinks[:, None, None, :]
-    s_img = attn.masked_fill(~img, 0).sum(-1)
-    s_vs = attn.masked_fill(~(img & snk), 0).sum(-1)
+    B, H, Q, S = attn.shape
+    reduce, update = masks if masks is not None else column_masks(image, sinks, attn.dtype, _acc_dtype(attn))
+    reduce, update = reduce[:, :S], update[:, :, :S].to(attn.dtype)
+    acc = reduce.dtype
+    m = torch.bmm(attn.to(acc).reshape(B, H * Q, S), reduce).view(B, H, Q, 4)
+    s_img, s_vs, s_snk, s_rcv = m.unbind(-1)
     if official:
-        n_img = image.sum(-1).to(attn.dtype)[:, None, None]
+        n_img = image.sum(-1).to(acc)[:, None, None]
         head_ok = (s_vs / (s_img + n_img * CODE_EPS) <= 1 - rho) & (s_img >= summ)
+        denom = torch.where(s_rcv > 0, s_rcv, 1)
     else:
         head_ok = (s_img >= summ) & ((s_img - s_vs) / (s_img + eps) >= rho)
+        denom = s_rcv.clamp(min=eps)
     sel = head_ok & rows[:, None, :]
-    budget = p * attn.masked_fill(~snk, 0).sum(-1, keepdim=True)
-    w = attn.masked_fill(~(img & ~snk), 0)
-    total = w.sum(-1, keepdim=True)
-    if official:
-        new = torch.where(snk, attn * (1 - p), attn) + budget * (w / torch.where(total > 0, total, 1))
-    else:
-        new = attn - p * attn.masked_fill(~snk, 0) + budget * w / total.clamp(min=eps)
-    return torch.where(sel[..., None], new, attn)
+    a = sel.to(attn.dtype).mul_(-p)[..., None]
+    c = torch.where(sel, s_snk * p / denom, 0.0).to(attn.dtype)[..., None]
+    scale = update[:, None, 0:1] * a
+    scale.addcmul_(update[:, None, 1:2], c)
+    return torch.addcmul(attn, attn, scale)
 
 
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -171,15 +198,26 @@ def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _eager_rows(module, query, key, value, mask, scaling, dropout, ctx):
+    """Eager attention (HF's arithmetic) with VAR applied to rows ``ctx["first_row"]:`` only (the rows before it
+    cannot change): ``(out [B, H, Q, d], weights [B, H, Q, S])``."""
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if mask is not None:
         scores = scores + mask
     attn = nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
-    if ctx is not None:
-        attn = redistribute(attn, ctx["image"], ctx["sinks"], ctx["rows"], **ctx["params"])
-    attn = attn.to(query.dtype)
-    attn = nn.functional.dropout(attn, p=dropout, training=module.training)
-    return torch.matmul(attn, value), attn
+    weights = attn.to(query.dtype)
+    first = attn.shape[2] if ctx is None else ctx["first_row"]
+    if first < attn.shape[2]:
+        sub = attn if first == 0 else attn[:, :, first:]
+        new = redistribute(sub, ctx["image"], ctx["sinks"], ctx["rows"][:, first:], masks=ctx["masks"],
+                           **ctx["params"]).to(query.dtype)
+        if first == 0:
+            weights = new
+        elif attn.requires_grad:
+            weights = torch.cat([weights[:, :, :first], new], 2)
+        else:  # write the few changed rows in place instead of assembling a second [B, H, Q, S] tensor
+            weights[:, :, first:] = new
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value), weights
 
 
 _MODULES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -196,19 +234,24 @@ def var_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     handle, layer = entry
     key = _repeat_kv(key, module.num_key_value_groups)
     value = _repeat_kv(value, module.num_key_value_groups)
-    ctx = handle._context(layer, query.shape[2], key.shape[2])
-    if handle.config.mode == "hybrid":
-        first = 0 if ctx is None else ctx["first_row"]
-        if ctx is None or first > 0:
-            out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                             dropout_p=dropout if module.training else 0.0,
-                                                             scale=scaling)
-            if ctx is not None:
-                sub = {**ctx, "rows": ctx["rows"][:, first:]}
-                m = attention_mask[:, :, first:] if attention_mask is not None else None
-                out = out.clone()
-                out[:, :, first:] = _eager_rows(module, query[:, :, first:], key, value, m, scaling, dropout, sub)[0]
-            return out.transpose(1, 2).contiguous(), None
+    Q = query.shape[2]
+    ctx = handle._context(layer, Q, key.shape[2])
+    first = Q if ctx is None else ctx["first_row"]
+    if handle.config.mode == "hybrid" and first > 0:
+        p_drop = dropout if module.training else 0.0
+        lo = query if first >= Q else query[:, :, :first]
+        m = attention_mask if attention_mask is None or first >= Q else attention_mask[:, :, :first]
+        out_lo = nn.functional.scaled_dot_product_attention(lo, key, value, attn_mask=m, dropout_p=p_drop,
+                                                            scale=scaling)
+        if first >= Q:
+            return out_lo.transpose(1, 2).contiguous(), None
+        m = attention_mask[:, :, first:] if attention_mask is not None else None
+        out_hi = _eager_rows(module, query[:, :, first:], key, value, m, scaling, dropout,
+                             {**ctx, "first_row": 0, "rows": ctx["rows"][:, first:]})[0]
+        out = query.new_empty(query.shape[0], Q, query.shape[1], value.shape[-1])
+        out[:, :first] = out_lo.transpose(1, 2)
+        out[:, first:] = out_hi.transpose(1, 2)
+        return out, None
     out, attn = _eager_rows(module, query, key, value, attention_mask, scaling, dropout, ctx)
     return out.transpose(1, 2).contiguous(), attn
 
@@ -267,6 +310,9 @@ class VARHandle(LlavaHandle):
         self._prefill = False
         self._prompt_length = self._image_mask = None
         self._valid_run = False
+        self._masks: dict[int, dict] = {}
+        self._any_image = False
+        self._sink_ok = self._dims_index = None
 
     def install(self) -> None:
         _register()
@@ -309,47 +355,64 @@ class VARHandle(LlavaHandle):
         self._prefill = is_prefill(kw.get("past_key_values"))
         if not self._prefill:
             return
-        self.sink_masks, self._active = {}, {}
+        self.sink_masks, self._active, self._masks = {}, {}, {}
         length = (ids if ids is not None else embeds).shape[1]
-        self.state = prompt_state(ids, kw.get("attention_mask"), self.parts.image_token_id, self._image_mask,
-                                  length, self._prompt_length)
+        st = self.state = prompt_state(ids, kw.get("attention_mask"), self.parts.image_token_id, self._image_mask,
+                                       length, self._prompt_length)
+        # decided once per prefill (one device sync), not once per layer
+        self._any_image = bool(st.has_image.any())
+        pos = torch.arange(st.length, device=st.image.device)
+        self._sink_ok = st.valid & (pos < st.prompt_length)
 
     def _record_sinks(self, index: int, x: torch.Tensor) -> None:
         st = self.state
-        if not self._prefill or st is None or not bool(st.has_image.any()):
+        if not self._prefill or st is None or not self._any_image:
             return
+        if self._dims_index is None or self._dims_index.device != x.device:
+            self._dims_index = torch.tensor(self.sink_dims, device=x.device)
         with torch.no_grad():
-            score = sink_scores(x, self.sink_dims)
-        pos = torch.arange(st.length, device=x.device)
-        sinks = (score > self.config.tau) & st.valid & (pos < st.prompt_length)
+            score = sink_scores(x, self._dims_index)
+        sinks = (score > self.config.tau) & self._sink_ok
         self.sink_masks[index] = sinks
         has = (sinks & st.image).any(1)
-        # decided once per prefill on the host, so decoding steps need no device sync
         starts = torch.where(has, st.last_image + 1, torch.full_like(st.last_image, st.length))
-        self._active[index] = (has, bool(has.any()), int(starts.min()))
+        # decided once per layer and prefill on the host (one sync), so decoding steps need none
+        any_has, first = torch.stack([has.any().long(), starts.min()]).tolist()
+        self._active[index] = (has, bool(any_has), int(first))
+
+    def _layer_masks(self, layer: int, s_len: int) -> dict:
+        """Image/sink masks of ``layer`` and their :func:`column_masks`, kept at a capacity of at least ``s_len``
+        columns (padded with False for generated positions), so a decoding step only slices views."""
+        entry = self._masks.get(layer)
+        if entry is None or entry["capacity"] < s_len:
+            st, sinks = self.state, self.sink_masks[layer]
+            capacity = max(s_len, st.length) + (256 if entry is None else max(s_len, entry["capacity"]))
+            pad = capacity - st.length
+            image, sinks = (nn.functional.pad(t, (0, pad)) for t in (st.image, sinks))
+            entry = {"capacity": capacity, "image": image, "sinks": sinks,
+                     "masks": column_masks(image, sinks, torch.float32, _acc_dtype(image))}
+            self._masks[layer] = entry
+        return entry
 
     def _context(self, layer: int, q_len: int, s_len: int) -> dict | None:
         """What :func:`var_attention` needs at ``layer`` for ``q_len`` queries over ``s_len`` keys (``None``:
         nothing can change)."""
-        st, sinks, active = self.state, self.sink_masks.get(layer), self._active.get(layer)
-        if st is None or sinks is None or active is None or not active[1]:
+        st, active = self.state, self._active.get(layer)
+        if st is None or active is None or not active[1] or layer not in self.sink_masks:
             return None
-        image = st.image
         has = active[0]
-        if s_len > image.shape[1]:
-            pad = s_len - image.shape[1]
-            image, sinks = (nn.functional.pad(t, (0, pad)) for t in (image, sinks))
-        B = image.shape[0]
-        absolute = torch.arange(s_len - q_len, s_len, device=image.device)
+        masks = self._layer_masks(layer, s_len)
+        B = has.shape[0]
         if self._prefill:
+            absolute = torch.arange(s_len - q_len, s_len, device=has.device)
             valid = st.valid if st.valid.shape[1] >= s_len else nn.functional.pad(st.valid, (0, s_len - st.length))
-            rows = (absolute[None, :] > st.last_image[:, None]) & valid[:, s_len - q_len:]
+            rows = (absolute[None, :] > st.last_image[:, None]) & valid[:, s_len - q_len:s_len] & has[:, None]
+            first = max(active[2] - (s_len - q_len), 0)
         else:
-            rows = torch.ones(B, q_len, dtype=torch.bool, device=image.device)
-        rows = rows & has[:, None]
-        first = max(active[2] - (s_len - q_len), 0) if self._prefill else 0
+            rows, first = has[:, None].expand(B, q_len), 0
         cfg = self.config
-        return {"image": image, "sinks": sinks, "rows": rows, "first_row": first,
+        return {"image": masks["image"][:, :s_len], "sinks": masks["sinks"][:, :s_len], "rows": rows,
+                "first_row": first, "masks": masks["masks"],
                 "params": {"p": cfg.p, "rho": cfg.rho, "summ": cfg.summ, "eps": cfg.eps,
                            "official": cfg.preset == "official_code"}}
 
