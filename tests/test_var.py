@@ -59,11 +59,12 @@ def inject(model, data, offsets):
         x = layer_hidden(args, kwargs)
         if x.shape[1] < P:  # a decoding step
             return None
-        x = x.clone()
-        for b, ts in enumerate(targets):
-            for t in ts:
-                x[b, t, D] += 100 * x[b, t].pow(2).mean().sqrt()
-        return with_layer_hidden(args, kwargs, x)
+        delta = torch.zeros_like(x)  # out of place, so the hook also works with autograd
+        with torch.no_grad():
+            for b, ts in enumerate(targets):
+                for t in ts:
+                    delta[b, t, D] = 100 * x[b, t].pow(2).mean().sqrt()
+        return with_layer_hidden(args, kwargs, x + delta)
 
     layer = LlavaParts.of(model).llm_layers[2]
     return layer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True), targets
