@@ -137,7 +137,7 @@ def test_strided_inputs_and_no_grad():
     opts = dict(feature="elu1", normalizer="divisive", key_weights=w)
     with torch.no_grad():
         got = linear_attention_triton(q, k, v, **opts)
-    assert got.is_contiguous()
+    assert got.transpose(1, 2).is_contiguous()  # token layout: heads merge without a copy
     assert rel_err(got, oracle(q, k, v, **opts)) < 2e-5
     assert rel_err(got, linear_attention_reference(q, k, v, **opts)) < 2e-5
 

@@ -160,10 +160,10 @@ def _readout_matrix(S, z1, z2, N, scale, SUBTRACTIVE: tl.constexpr):
 
 
 @triton.jit
-def _out_phase(q_base, o_base, cos_ptr, sin_ptr, sqn, sqd, S, z1, z2, start, end, N, D, HALF, eps, scale,
+def _out_phase(q_base, o_base, cos_ptr, sin_ptr, sqn, sqd, son, S, z1, z2, start, end, N, D, HALF, eps, scale,
                FEATURE: tl.constexpr, SUBTRACTIVE: tl.constexpr, HAS_ROPE: tl.constexpr, Q_EXACT: tl.constexpr,
                LOWP: tl.constexpr, LP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Write ``o`` (contiguous rows of ``D``) for tokens ``[start, end)``."""
+    """Write ``o`` (rows ``son`` apart, unit channel stride) for tokens ``[start, end)``."""
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     M = _readout_matrix(S, z1, z2, N, scale, SUBTRACTIVE)
@@ -183,7 +183,7 @@ def _out_phase(q_base, o_base, cos_ptr, sin_ptr, sqn, sqd, S, z1, z2, start, end
             if HAS_ROPE:
                 qf = _rotate(qf, cos_ptr, sin_ptr, offs_n, offs_n < end, HALF, False, BLOCK_N, BLOCK_D)
             o = _mm_state(qf, m_hi, m_lo, acc, Q_EXACT, LOWP, LP) / den[:, None]
-        tl.store(o_base + offs_n[:, None] * D + offs_d[None, :], o.to(o_base.dtype.element_ty), mask=mask)
+        tl.store(o_base + offs_n[:, None] * son + offs_d[None, :], o.to(o_base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -326,7 +326,7 @@ def _bases(q, k, v, w, sqb, sqh, skb, skh, svb, svh, swb, swh, bh, H):
 
 @triton.jit
 def fwd_kernel(q, k, v, w, cos, sin, o, state, vec,
-               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, swb, swh, swn,
+               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, swb, swh, swn, sob, soh, son,
                H, N, D, HALF, eps, scale, CHUNK, N_BUCKET,
                PHASE: tl.constexpr, SAVE_STATE: tl.constexpr,
                FEATURE: tl.constexpr, SUBTRACTIVE: tl.constexpr, HAS_KW: tl.constexpr, HAS_ROPE: tl.constexpr,
@@ -346,8 +346,8 @@ def fwd_kernel(q, k, v, w, cos, sin, o, state, vec,
         if PHASE == 1 or SAVE_STATE:
             _put_state(state, vec, bh, S, z1, z2, PHASE == 1, BLOCK_D)
     if PHASE != 1:
-        o_base = o + bh.to(tl.int64) * N * D
-        _out_phase(q_base, o_base, cos, sin, sqn, sqd, S, z1, z2, start, end, N, D, HALF, eps, scale,
+        o_base = o + (bh // H).to(tl.int64) * sob + (bh % H).to(tl.int64) * soh
+        _out_phase(q_base, o_base, cos, sin, sqn, sqd, son, S, z1, z2, start, end, N, D, HALF, eps, scale,
                    FEATURE, SUBTRACTIVE, HAS_ROPE, Q_EXACT, LOWP, LP, BLOCK_N, BLOCK_D)
 
 

@@ -122,11 +122,18 @@ def _flags(q, feature, normalizer, key_weights, cos):
     )
 
 
+def _new_output(q):
+    """``[B, H, N, D]`` as a view of ``[B, N, H, D]`` memory: the token layout, so that callers merge the heads of the
+    output (``o.transpose(1, 2).reshape(B, N, H * D)``) without a copy."""
+    B, H, N, D = q.shape
+    return q.new_empty((B, N, H, D)).transpose(1, 2)
+
+
 def _forward(q, k, v, key_weights, cos, sin, feature, normalizer, scale, eps, save_state):
     B, H, N, D = q.shape
     flags = _flags(q, feature, normalizer, key_weights, cos)
     BD = flags["BLOCK_D"]
-    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    o = _new_output(q)
     chunk, splits = _plan(B * H, N, q.device)
     f32 = dict(dtype=torch.float32, device=q.device)
     if o.numel() == 0:
@@ -141,7 +148,7 @@ def _forward(q, k, v, key_weights, cos, sin, feature, normalizer, scale, eps, sa
     w = key_weights if key_weights is not None else q
     ws = key_weights.stride() if key_weights is not None else (0, 0, 0)
     tab_c, tab_s = (cos, sin) if cos is not None else (q, q)
-    args = (q, k, v, w, tab_c, tab_s, o, state, vec, *q.stride(), *k.stride(), *v.stride(), *ws,
+    args = (q, k, v, w, tab_c, tab_s, o, state, vec, *q.stride(), *k.stride(), *v.stride(), *ws, *o.stride()[:3],
             H, N, D, max(D // 2, 1), float(eps), float(scale), chunk, triton.next_power_of_2(N))
     if splits == 1:
         _launch("fwd_kernel", (B * H, 1), args, dict(flags, PHASE=0, SAVE_STATE=save_state))
@@ -200,7 +207,7 @@ def _fwd_op(
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, key_weights, cos, sin, feature, normalizer, scale, eps, save_state):
     s_shape, v_shape = _state_shapes(q) if save_state else ((0,), (0,))
-    o = q.new_empty(q.shape)
+    o = _new_output(q)
     return o, q.new_empty(s_shape, dtype=torch.float32), q.new_empty(v_shape, dtype=torch.float32)
 
 
@@ -289,7 +296,7 @@ def linear_attention_triton(
         eps: added to the divisive denominator.
 
     Returns:
-        ``[B, H, N, D]`` in the dtype of ``q`` (contiguous).
+        ``[B, H, N, D]`` in the dtype of ``q``, a view of ``[B, N, H, D]`` memory (heads merge without a copy).
     """
     if normalizer not in NORMALIZERS:
         raise ValueError(f"unknown normalizer {normalizer!r}; choose from {NORMALIZERS}")
