@@ -291,6 +291,13 @@ def _num_splits(bh: int, n: int, block: int, device) -> int:
     return int(max(1, min(want, triton.cdiv(n, 4 * block), 32)))
 
 
+def _new_output(q):
+    """``[B, H, N, D]`` as a view of ``[B, N, H, D]`` memory: the token layout, so that callers merge the heads of the
+    output (``o.transpose(1, 2).reshape(B, N, H * D)``) without a copy."""
+    B, H, N, D = q.shape
+    return q.new_empty((B, N, H, D)).transpose(1, 2)
+
+
 def _forward(q, k, v, agents, bias1, bias2, scale1, scale2):
     B, H, N, D = q.shape
     n = agents.shape[2]
@@ -318,7 +325,7 @@ def _forward(q, k, v, agents, bias1, bias2, scale1, scale2):
     va = torch.empty(bh, BA, BD, device=dev, dtype=torch.float32)
     lse1 = torch.zeros(bh, BA, device=dev, dtype=torch.float32)
     _agg_combine[(bh,)](m_part, l_part, acc_part, va, lse1, splits, n, BA=BA, BD=BD, num_warps=4)
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    o = _new_output(q)
     lse2 = torch.empty(bh, N, device=dev, dtype=torch.float32)
     _bcast_fwd[(triton.cdiv(N, BM), bh)](
         q, agents, va, b2, o, lse2,
@@ -344,7 +351,8 @@ def _backward(do, q, k, v, agents, bias1, bias2, scale1, scale2, o, va, lse1, ls
     BM = 64 if BA <= 128 else 32
     prec = _precision(q.dtype)
     dev, bh = q.device, B * H
-    do = do.contiguous()
+    if do.stride() != o.stride():  # the kernels read do with the strides of o
+        do = torch.empty_like(o, dtype=do.dtype).copy_(do)
     # the backward passes keep two [BA, BD] fp32 accumulators on chip: eight warps keep them in registers
     meta = dict(D=D, BA=BA, BD=BD, PREC=prec, num_warps=8)
     qs, as_, os_ = q.stride()[:3], agents.stride()[:3], o.stride()[:3]
@@ -413,7 +421,7 @@ def _(q, k, v, agents, bias1, bias2, scale1, scale2):
     B, H, N, D = q.shape
     BA, BD = _pow2(agents.shape[2]), _pow2(D)
     f32 = torch.float32
-    return (q.new_empty(q.shape), q.new_empty((B * H, BA, BD), dtype=f32), q.new_empty((B * H, BA), dtype=f32),
+    return (_new_output(q), q.new_empty((B * H, BA, BD), dtype=f32), q.new_empty((B * H, BA), dtype=f32),
             q.new_empty((B * H, N), dtype=f32))
 
 
