@@ -4,7 +4,8 @@
 patches the model and recovers its accuracy (:func:`visionfx.recovery.distill`); ``--checkpoint`` may be a reference
 checkpoint from ``visionfx train`` (then ``--model`` is not needed and the normalisation comes from it) or a plain
 state dict (``.pt``/``.pth``/``.safetensors``). ``visionfx train cifar10 --data cifar10.tar.xz`` trains the reference
-ViT (:mod:`visionfx.recovery.train`). Recipe fields can be set with ``--set key=value`` (values read as YAML).
+ViT (:mod:`visionfx.recovery.train`); ``visionfx train easy-vqa --data easy-vqa.tar.xz --output DIR`` trains the tiny
+LLaVA (:mod:`visionfx.recovery.easy_vqa_llava`) and saves it as a Hugging Face model directory. Recipe fields can be set with ``--set key=value`` (values read as YAML).
 """
 
 from __future__ import annotations
@@ -165,20 +166,29 @@ def _pct(v) -> str:
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", choices=["cifar10"], help="the reference recipe to run")
-    p.add_argument("--config", default=None, help="recipe YAML (default: the TrainConfig defaults; "
-                   "configs/train-cifar10.yaml is the same recipe written out)")
+    p.add_argument("dataset", choices=list(TRAIN_OUTPUTS), help="the reference recipe to run: cifar10 (a small "
+                   "ViT) or easy-vqa (a tiny LLaVA; --data easy-vqa.tar.xz, --limit N keeps N questions per split)")
+    p.add_argument("--config", default=None, help="recipe YAML (default: the recipe's dataclass defaults; "
+                   "configs/train-cifar10.yaml and configs/train-easy-vqa.yaml are the same recipes written out)")
     _data_arguments(p)
-    p.add_argument("--output", default="reference-cifar10", help="folder for reference.pt and train_log.json")
+    p.add_argument("--output", default=None, help="output folder (default: reference-cifar10 with reference.pt and "
+                   "train_log.json; easy-vqa-llava with the Hugging Face model and processor)")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="fit training into this many seconds (the step count shrinks after a timed calibration)")
     _engine_arguments(p)
 
 
+TRAIN_OUTPUTS = {"cifar10": "reference-cifar10", "easy-vqa": "easy-vqa-llava"}
+# data options of the image-folder recipe that the easy-VQA recipe does not read (their defaults)
+_CIFAR_ONLY = {"cache_dir": None, "image_size": None, "train_split": "train", "eval_split": None, "compile": None}
+
+
 def _train_config(args):
     from visionfx.recovery.train import TrainConfig
 
+    if args.dataset == "easy-vqa":
+        return _easy_vqa_config(args)
     overrides = dict(args.overrides)
     for key, value in (("epochs", args.epochs), ("time_budget", args.time_budget), ("max_steps", args.max_steps),
                        ("batch_size", args.batch_size), ("mixed_precision", args.mixed_precision),
@@ -188,9 +198,44 @@ def _train_config(args):
     return TrainConfig.load(args.config, **overrides) if args.config else TrainConfig.from_dict(overrides)
 
 
+def _easy_vqa_config(args):
+    from visionfx.recovery.easy_vqa_llava import TrainVQAConfig
+
+    unused = [f"--{k.replace('_', '-')}" for k, v in _CIFAR_ONLY.items() if getattr(args, k) != v]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not used by the easy-vqa recipe")
+    overrides = dict(args.overrides)
+    for key, value in (("epochs", args.epochs), ("time_budget", args.time_budget), ("max_steps", args.max_steps),
+                       ("batch_size", args.batch_size), ("mixed_precision", args.mixed_precision),
+                       ("cpu", args.cpu), ("seed", args.seed), ("limit", args.limit)):
+        if value is not None:
+            overrides[key] = value
+    return TrainVQAConfig.load(args.config, **overrides) if args.config else TrainVQAConfig.from_dict(overrides)
+
+
+def _run_train_easy_vqa(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from visionfx.recovery.easy_vqa_llava import train_easy_vqa
+
+    output = Path(args.output or TRAIN_OUTPUTS["easy-vqa"])
+    try:
+        cfg = _train_config(args)
+        if not Path(args.data).exists():
+            raise FileNotFoundError(f"--data {args.data}: no such file or folder")
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        parser.error(str(e))
+    out = train_easy_vqa(cfg, args.data, output, progress=not args.no_progress)
+    print(json.dumps({k: out[k] for k in ("accuracy", "by_category", "steps", "examples", "seconds", "gpu_seconds",
+                                          "device")}, indent=1))
+    print(f"wrote {output} (load with visionfx.evaluation.vqa.load_llava or 'visionfx eval vqa --model {output}')")
+    return 0
+
+
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from visionfx.recovery.train import train_reference
 
+    if args.dataset == "easy-vqa":
+        return _run_train_easy_vqa(args, parser)
+    args.output = args.output or TRAIN_OUTPUTS["cifar10"]
     try:
         cfg = _train_config(args)
         data = _load_data(args)
@@ -204,7 +249,8 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 COMMAND = Command("distill", "patch a model and recover its accuracy: attention transfer, then distillation",
                   _distill_arguments, _run_distill)
-TRAIN_COMMAND = Command("train", "train a reference model from scratch (cifar10: a small ViT for fidelity runs)",
+TRAIN_COMMAND = Command("train", "train a reference model from scratch (cifar10: a small ViT; easy-vqa: a tiny "
+                        "LLaVA; hosts of the fidelity tables)",
                         _train_arguments, _run_train)
 
 
