@@ -2,23 +2,52 @@
 
 Same signature and semantics as :func:`visionfx.kernels.bidir_gla.reference.bidir_gla_reference`.
 
-One scan kernel serves every pass. A program owns one (batch, head, direction) and walks 16-token chunks in its
-direction's order, carrying the fp32 state ``S [dk, dv]`` on chip (``S_t = diag(α_t) S_{t−1} + K_tᵀ V_t`` in scan
-order). Per chunk it adds, for its outputs,
+Chunked design (``impl="chunked"``, the default). Tokens are cut into chunks of ``CH = 64`` tokens, each in ``NS = 4``
+sub-chunks of ``SUB = 16``. In scan order (ascending tokens forwards, descending backwards) let ``a_i`` be the
+inclusive cumulative log-decay; token j reaches i ≥ j with the per-channel factor ``exp(a_i − a_j) ≤ 1``.
 
-* inter-chunk terms through tensor-core products with the carried state, decay factors ``exp(a_p) ≤ 1``;
-* intra-chunk terms exactly per channel: the pair factors ``exp(a_i − a_j)`` (i after j in scan order) are built by
-  a recurrence over j (one ``exp`` of a vector per step, every factor ≤ 1), so strong decays never overflow;
+* **State pass** (``_state_pass``, one launch, grid ``(B·H, direction[·kind], state block)``): a program walks the
+  chunks of one direction sequentially, carrying an fp32 ``[dk, dv]`` block (rows and columns of the state are
+  independent, so small ``B·H`` is split into more programs) and stores the state entering every chunk (in bf16 for
+  bf16 inputs, where it is read only as a bf16 dot operand): ``S ← exp(total) S + (k ⊙ exp(after))ᵀ v``.
+* **Output pass** (``_fwd_out``, grid ``(B·H, chunk)``): a program owns one chunk and *both* directions, so it reads
+  q, k, v once and writes ``(o_f + o_b)/2`` once, in the input dtype. For output sub-chunk I and each direction:
 
-then updates the state with ``exp(a_last − a_j) ≤ 1`` factors. Both directions run in one launch (grid axis 1) and
-add into fp32 outputs. Output kinds: ``A`` (``out_i = X_i · S_i``, contraction over dk, e.g. the forward output) and
-``B`` (``out_i = S_i Y_i``, contraction over dv, e.g. dq). The backward pass uses:
+  - earlier chunks: ``(q_I ⊙ exp(a_I − a_c)) @ S_c`` with ``a_c`` the chunk start (factor ≤ 1);
+  - earlier sub-chunks J, one tensor-core product each, with the reference point r just before I:
+    ``q̃ = q_I ⊙ exp(a_I − a_r)``, ``k̃ = k_J ⊙ exp(a_r − a_J)``, ``(q̃ k̃ᵀ) @ v_J``; both factors are ≤ 1 because r
+    lies between J and I, and ``exp(a_r − a_J)`` is summed from the gates between each key and r only;
+  - the diagonal 16×16 block: the same factorisation with r at the block's start, ``k̂ = k_I ⊙ exp(a_r − a_I)``, whose
+    factors are ≥ 1. It is used only when every channel's decay over the block is at most ``DIAG_SPAN_MAX`` = 40
+    nats (checked per block, per direction: ``min_c Σ_block g ≥ −40``), so no factor exceeds e^40 ≈ 2.4e17 and none
+    of the ``q̃`` factors falls below e^−40, far above fp32/bf16/tf32's smallest normal (e^−87): both operands and
+    every product are finite, and an underflow can only drop terms of relative size < 1e−17. Otherwise (some channel
+    decays faster than 2.5 nats per token on average) the block falls back to the exact computation: a walk over
+    the 16 key positions building ``exp(a_i − a_j)`` by one multiplication per step (the previous kernel's scheme,
+    now only for such blocks), followed by one tensor-core product with v.
 
-* dq: the forward state with ``Y = dO`` (kind B), per direction;
-* dk, dv: the state of ``(scale·q) ⊗ dO`` scanned in the opposite order with gates shifted by one token
-  (``R_j = α_{next} R_next + s q_j dO_jᵀ``), ``dv = k·R`` (kind A) and ``dk = R v`` (kind B), per direction;
-* gates: ``dA = q ⊙ dq − k ⊙ dk`` per direction, then a reverse (forward scan) or plain (backward scan) cumulative
-  sum over tokens.
+  No other ``exp`` of a positive exponent is formed anywhere: every other exponent is a sum of gates (≤ 0), each
+  summed from exactly the gates it stands for (a shifted load gives the gates *after* a row, instead of the
+  difference ``total − incl``), which also keeps its rounding error proportional to its own size.
+* **Backward**: one state-pass launch computes both the forward states and the gradient states
+  ``R ← exp(total) R + (q ⊙ exp(incl))ᵀ dO`` (walking against scan order; R is the later tokens' ``q ⊗ dO`` decayed
+  to the chunk's end), then ``_bwd_out`` (grid ``(B·H, chunk)``, both directions on chip) builds dq, dk, dv with the
+  same sub-chunk factorisation (pairs in both orders, the 16×16 diagonal factorised or exact as above) and writes
+  the per-direction gate terms ``dA = q ⊙ dq_d − k ⊙ dk_d``; the gate gradients are their cumulative sums over
+  tokens (suffix sums forwards, prefix sums backwards), one ``torch.cumsum`` each.
+
+Dot operands are bf16 for bf16 inputs and fp32 (ieee for fp32, tf32 for fp16) otherwise, always accumulated in fp32;
+gates and cumulative log-decays are fp32 throughout. Launches: two per forward, two per backward plus the gate sums.
+
+Fusing the two passes for small ``B·H`` was considered and not done: a fused program must walk the sequence, so it
+serialises the intra-chunk work that the output pass runs in parallel over chunks, and since the output pass sums
+both directions on chip, a fused version would need an fp32 scratch or atomics plus a cast. Launch count would not
+drop below two. Small ``B·H`` instead gets more state-pass programs by splitting the state into blocks.
+
+Legacy design (``impl="scan"``, kept for one release to compare): one scan kernel for every pass, 16-token chunks,
+intra-chunk terms by a per-step recurrence over keys, per-direction fp32 outputs summed afterwards; its backward
+rescans ``(scale·q) ⊗ dO`` in the opposite order with gates shifted by one token. Select with the ``impl`` keyword
+or the module constant ``IMPL``.
 """
 
 from __future__ import annotations
@@ -27,10 +56,121 @@ import torch
 import triton
 import triton.language as tl
 
+from visionfx.kernels.bidir_gla._triton_kernels import _bwd_out, _fwd_out, _state_pass
+
 __all__ = ["bidir_gla_triton"]
 
-CHUNK = 16  # tokens per step of the output pass (exact intra-chunk decays)
-SPAN = 64  # tokens per program of the output pass, and per step of the state pass
+IMPL = "chunked"  # default implementation: "chunked" or the legacy "scan"
+SUB = 16  # tokens per sub-chunk (one register tile, one tensor-core operand)
+NS = 4  # sub-chunks per chunk
+DIAG_SPAN_MAX = 40.0  # largest per-channel decay (nats) over a 16-token block for the factorised diagonal block
+STATE_MIN_BLOCK = 32  # smallest state block (rows or columns) a state-pass program may own
+CHUNK = 16  # legacy scan: tokens per step of the output pass (exact intra-chunk decays)
+SPAN = 64  # legacy scan: tokens per program of the output pass, and per step of the state pass
+
+
+def _p2(x):
+    return max(16, triton.next_power_of_2(int(x)))
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_dtype(dtype):
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float32
+
+
+def _gates(gf, gb):
+    """One base tensor and the element offset of the backward gates: zero-copy when gf and gb are two views of one
+    fp32 buffer with equal strides (as the vig mixer produces them), otherwise a stacked copy."""
+    gf, gb = gf.float(), gb.float()
+    if gf.untyped_storage().data_ptr() == gb.untyped_storage().data_ptr() and gf.stride() == gb.stride():
+        return gf, gb.storage_offset() - gf.storage_offset()
+    both = torch.stack((gf, gb))
+    return both[0], both.stride(0)
+
+
+def _same_layout(*ts):
+    """The [B, H, N, *] inputs share one set of strides in the kernel: make them contiguous."""
+    return [t.contiguous() for t in ts]
+
+
+def _warps(bk, bv):
+    return 4 if max(bk, bv) <= 64 else 8
+
+
+def _state_blocks(n_programs, bk, bv, device):
+    """Split the ``[bk, bv]`` state into blocks until the state pass has a few programs per SM (or blocks reach
+    STATE_MIN_BLOCK): its programs walk the sequence serially, so for small ``B·H`` parallelism comes from here."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    bks, bvs = bk, bv
+    while n_programs * (bk // bks) * (bv // bvs) < 4 * sms:
+        if bvs >= bks and bvs > STATE_MIN_BLOCK:
+            bvs //= 2
+        elif bks > STATE_MIN_BLOCK:
+            bks //= 2
+        else:
+            break
+    return bks, bvs
+
+
+def _chunked_states(k, v, q, do, gates, kinds):
+    """``[kinds, 2, B·H, n_chunks, BK, BV]`` states entering each chunk (kind 0 forward, kind 1 gradient)."""
+    B, H, N, dk = k.shape
+    dv = v.shape[-1]
+    BK, BV = _p2(dk), _p2(dv)
+    n_chunks = triton.cdiv(N, SUB * NS)
+    lowp = k.dtype == torch.bfloat16
+    states = torch.empty(kinds, 2, B * H, n_chunks, BK, BV, device=k.device,
+                         dtype=torch.bfloat16 if lowp else torch.float32)
+    bks, bvs = _state_blocks(B * H * 2 * kinds, BK, BV, k.device)
+    g, g_off = gates
+    _state_pass[(B * H, 2 * kinds, (BK // bks) * (BV // bvs))](
+        k, v, q, do, g, states, N, n_chunks, B * H, H,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), g_off, *g.stride(),
+        KINDS=kinds, DK=dk, DV=dv, BK=BK, BV=BV, BKS=bks, BVS=bvs, CH=SUB * NS, DT=_dot_dtype(k.dtype),
+        PREC=_prec(k.dtype),
+        num_warps=4,
+    )
+    return states
+
+
+def _out_args(q, v, gates, scale):
+    B, H, N, dk = q.shape
+    g, g_off = gates
+    BK, BV = _p2(dk), _p2(v.shape[-1])
+    strides = (q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2), g_off, *g.stride())
+    meta = dict(DK=dk, DV=v.shape[-1], BK=BK, BV=BV, SUB=SUB, NS=NS, DT=_dot_dtype(q.dtype), PREC=_prec(q.dtype),
+                num_warps=_warps(BK, BV))
+    n_chunks = triton.cdiv(N, SUB * NS)
+    return (B * H, n_chunks), (N, n_chunks, B * H, H, 0.5 * scale, float(DIAG_SPAN_MAX), *strides), meta
+
+
+def _fwd_chunked(q, k, v, gf, gb, scale):
+    q, k, v = _same_layout(q, k, v)
+    gates = _gates(gf, gb)
+    states = _chunked_states(k, v, k, v, gates, 1)
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
+    grid, args, meta = _out_args(q, v, gates, scale)
+    _fwd_out[grid](q, k, v, gates[0], states, out, *args, **meta)
+    return out
+
+
+def _bwd_chunked(do, q, k, v, gf, gb, scale):
+    q, k, v, do = _same_layout(q, k, v, do.to(q.dtype))
+    gates = _gates(gf, gb)
+    states = _chunked_states(k, v, q, do, gates, 2)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dA = torch.empty((2,) + q.shape, device=q.device, dtype=torch.float32)
+    grid, args, meta = _out_args(q, v, gates, scale)
+    _bwd_out[grid](q, k, v, do, gates[0], states, dq, dk, dv, dA, *args, **meta)
+    dgf = dA[0].cumsum(2).flip(2)  # stored in reversed token order: suffix sums, A_t = Σ_{τ≤t} gf_τ
+    dgb = dA[1].cumsum(2)  # Z_t = Σ_{τ≥t} gb_τ
+    return dq, dk, dv, dgf, dgb
+
+
+# Legacy scan kernel (impl="scan"), unchanged but for its drivers' names.
 
 
 @triton.jit
@@ -135,24 +275,6 @@ def _scan(
         S = S * tl.exp(a_last)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
 
 
-def _p2(x):
-    return max(16, triton.next_power_of_2(int(x)))
-
-
-def _prec(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _gates(gf, gb):
-    """One base tensor and the element offset of the backward gates: zero-copy when gf and gb are two views of one
-    fp32 buffer with equal strides (as the vig mixer produces them), otherwise a stacked copy."""
-    gf, gb = gf.float(), gb.float()
-    if gf.untyped_storage().data_ptr() == gb.untyped_storage().data_ptr() and gf.stride() == gb.stride():
-        return gf, gb.storage_offset() - gf.storage_offset()
-    both = torch.stack((gf, gb))
-    return both[0], both.stride(0)
-
-
 def _run_scan(ks, vs, gates, xa, yb, *, rev0, shift, scale_a, scale_b, dk, dv):
     """Both directions of one scan; returns fp32 outputs ``[2, B, H, N, dv]`` (kind A) and ``[2, B, H, N, dk]`` (B).
 
@@ -191,19 +313,14 @@ def _run_scan(ks, vs, gates, xa, yb, *, rev0, shift, scale_a, scale_b, dk, dv):
     return unpad(out_a, dv), unpad(out_b, dk)
 
 
-def _same_layout(*ts):
-    """The [B, H, N, *] inputs share one set of strides in the kernel: make them contiguous."""
-    return [t.contiguous() for t in ts]
-
-
-def _fwd(q, k, v, gf, gb, scale):
+def _fwd_scan(q, k, v, gf, gb, scale):
     q, k, v = _same_layout(q, k, v)
     out_a, _ = _run_scan(k, v, _gates(gf, gb), q, None, rev0=False, shift=0, scale_a=0.5 * scale, scale_b=0.0,
                          dk=q.shape[-1], dv=v.shape[-1])
     return (out_a[0] + out_a[1]).to(q.dtype)
 
 
-def _bwd(do, q, k, v, gf, gb, scale):
+def _bwd_scan(do, q, k, v, gf, gb, scale):
     q, k, v, do = _same_layout(q, k, v, do.to(q.dtype))
     gates = _gates(gf, gb)
     dk_, dv_ = q.shape[-1], v.shape[-1]
@@ -224,46 +341,68 @@ def _bwd(do, q, k, v, gf, gb, scale):
     return (dq[0] + dq[1]).to(q.dtype), (dkk[0] + dkk[1]).to(k.dtype), (dvv[0] + dvv[1]).to(v.dtype), dgf, dgb
 
 
+_IMPLS = {"chunked": (_fwd_chunked, _bwd_chunked), "scan": (_fwd_scan, _bwd_scan)}
+
+
+def _impl(impl):
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {sorted(_IMPLS)}, got {impl!r}")
+    return _IMPLS[impl]
+
+
 @torch.library.custom_op("visionfx::bidir_gla_fwd", mutates_args=())
 def _gla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor, gb: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    return _fwd(q, k, v, gf, gb, scale)
+                scale: float, impl: str) -> torch.Tensor:
+    return _impl(impl)[0](q, k, v, gf, gb, scale)
 
 
 @_gla_fwd_op.register_fake
-def _(q, k, v, gf, gb, scale):
+def _(q, k, v, gf, gb, scale, impl):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
 @torch.library.custom_op("visionfx::bidir_gla_bwd", mutates_args=())
 def _gla_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor,
-                gb: torch.Tensor, scale: float) -> list[torch.Tensor]:
-    return list(_bwd(do, q, k, v, gf, gb, scale))
+                gb: torch.Tensor, scale: float, impl: str) -> list[torch.Tensor]:
+    return list(_impl(impl)[1](do, q, k, v, gf, gb, scale))
 
 
 @_gla_bwd_op.register_fake
-def _(do, q, k, v, gf, gb, scale):
+def _(do, q, k, v, gf, gb, scale, impl):
     f32 = torch.float32
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             gf.new_empty(gf.shape, dtype=f32), gb.new_empty(gb.shape, dtype=f32)]
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, gf, gb, scale = inputs
+    q, k, v, gf, gb, scale, impl = inputs
     ctx.save_for_backward(q, k, v, gf, gb)
     ctx.scale = scale
+    ctx.impl = impl
 
 
 def _backward_rule(ctx, do):
     q, k, v, gf, gb = ctx.saved_tensors
-    dq, dk, dv, dgf, dgb = _gla_bwd_op(do, q, k, v, gf, gb, ctx.scale)
-    return dq, dk, dv, dgf.to(gf.dtype), dgb.to(gb.dtype), None
+    dq, dk, dv, dgf, dgb = _gla_bwd_op(do, q, k, v, gf, gb, ctx.scale, ctx.impl)
+    return dq, dk, dv, dgf.to(gf.dtype), dgb.to(gb.dtype), None, None
 
 
 _gla_fwd_op.register_autograd(_backward_rule, setup_context=_setup)
 
 
-def bidir_gla_triton(q, k, v, gf, gb, *, scale, chunk_size=64):
-    """Bidirectional GLA; see the reference for the math. ``chunk_size`` is accepted for signature parity (the
-    kernel's chunking is internal and, like the reference's, does not change the result)."""
-    return _gla_fwd_op(q, k, v, gf, gb, float(scale))
+def bidir_gla_triton(q, k, v, gf, gb, *, scale, chunk_size=64, impl=None):
+    """Bidirectional GLA; see the reference for the math.
+
+    Args:
+        q, k: ``[B, H, N, dk]``; v: ``[B, H, N, dv]``; gf, gb: ``[B, H, N, dk]`` log-decays (≤ 0).
+        scale: multiplies ``q_t S_t``.
+        chunk_size: accepted for signature parity (the kernel's chunking is internal and, like the reference's,
+            does not change the result).
+        impl: ``"chunked"`` (tensor-core intra-chunk terms) or ``"scan"`` (the previous kernel); default ``IMPL``.
+
+    Returns:
+        ``[B, H, N, dv]`` in the dtype of q.
+    """
+    impl = IMPL if impl is None else impl
+    _impl(impl)
+    return _gla_fwd_op(q, k, v, gf, gb, float(scale), impl)

@@ -1,0 +1,313 @@
+"""Triton kernels of the chunked bidirectional GLA; the design and the numerics are described in ``triton.py``.
+
+Conventions shared by every kernel here:
+
+* A chunk is ``NS`` sub-chunks of ``SUB`` tokens (``CH = NS·SUB``). A sub-chunk is one ``[SUB, ·]`` register tile;
+  sub-chunk ``m`` of chunk ``c`` holds tokens ``c·CH + m·SUB + [0, SUB)`` in memory order for both directions. Scan
+  order is ascending tokens for direction 0 and descending for direction 1 (``REV``).
+* For a tile, ``incl`` is the inclusive cumulative sum of its gates in scan order and ``after`` the sum of the gates
+  that follow each row within the tile in scan order. ``after`` is summed from a second, shifted load of the gates
+  rather than taken as ``total − incl``: every exponent is then a sum of exactly the gates it stands for, so it is
+  ``≤ 0`` (sums of non-positive floats stay non-positive under any rounding) and as precise as its own magnitude
+  allows, not the magnitude of the tile's total.
+* Dot operands are cast to ``DT``: bf16 for bf16 inputs, fp32 otherwise (``PREC`` = "ieee" for fp32, "tf32" for
+  fp16, whose 5-bit exponent could not hold the diagonal block's ``exp(+x)`` factors); accumulation is fp32 always.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(ptr, tok, hi, cols, n_cols, stride_n):
+    """``[len(tok), len(cols)]`` tile of a ``[N, n_cols]`` row-major slab; rows at or past ``hi`` read as 0."""
+    mask = (tok < hi)[:, None] & (cols < n_cols)[None, :]
+    return tl.load(ptr + tok[:, None] * stride_n + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _gates(G, tok, lo, hi, rk, DK, g_n, g_c, REV: tl.constexpr):
+    """Gates of the tile ``tok`` (tokens ``[lo, hi)`` real): ``(g, incl, after, total)``, fp32, see the header."""
+    km = (rk < DK)[None, :]
+    g = tl.load(G + tok[:, None] * g_n + rk[None, :] * g_c, mask=(tok < hi)[:, None] & km, other=0.0)
+    if REV:
+        nxt = tok - 1
+    else:
+        nxt = tok + 1
+    gn = tl.load(G + nxt[:, None] * g_n + rk[None, :] * g_c, mask=((nxt >= lo) & (nxt < hi))[:, None] & km,
+                 other=0.0)
+    if REV:
+        incl = tl.cumsum(g, 0, reverse=True)
+        after = tl.cumsum(gn, 0)
+    else:
+        incl = tl.cumsum(g, 0)
+        after = tl.cumsum(gn, 0, reverse=True)
+    return g, incl, after, tl.sum(g, 0)
+
+
+@triton.jit
+def _causal(r, REV: tl.constexpr):
+    """``[SUB, SUB]``: row i is at or after column j in scan order."""
+    if REV:
+        return r[:, None] <= r[None, :]
+    else:
+        return r[:, None] >= r[None, :]
+
+
+@triton.jit
+def _diag_exact(q, k, p, g, r, REV: tl.constexpr, SUB: tl.constexpr, GRAD: tl.constexpr):
+    """Exact diagonal block: walk key positions j from last to first in scan order keeping
+    ``M[i, :] = exp(Σ_{j < t ≤ i} g_t)`` (rows before j stay 0) by one multiplication per step, every factor ≤ 1.
+
+    Returns ``a [SUB, SUB]`` (``a_ij = Σ_c q_ic k_jc M``) and, with GRAD, ``dq``/``dk`` of ``p`` (``dq_i =
+    Σ_j p_ij k_j M``, ``dk_j = Σ_i p_ij q_i M``), else zeros."""
+    a = tl.zeros([SUB, SUB], tl.float32)
+    dq = tl.zeros(q.shape, tl.float32)
+    dk = tl.zeros(q.shape, tl.float32)
+    M = tl.zeros(q.shape, tl.float32)
+    for t in range(SUB):
+        if REV:
+            jrow = t
+            nrow = t - 1
+        else:
+            jrow = SUB - 1 - t
+            nrow = SUB - t
+        # rows are picked out by masked sums (exact: the other terms are zeros)
+        gn = tl.sum(tl.where(r[:, None] == nrow, g, 0.0), 0)
+        M = tl.where(r[:, None] == jrow, 1.0, M * tl.exp(gn)[None, :])
+        kj = tl.sum(tl.where(r[:, None] == jrow, k, 0.0), 0)
+        a = tl.where(r[None, :] == jrow, tl.sum(q * M * kj[None, :], 1)[:, None], a)
+        if GRAD:
+            pj = tl.sum(tl.where(r[None, :] == jrow, p, 0.0), 1)
+            dq += pj[:, None] * M * kj[None, :]
+            dk = tl.where(r[:, None] == jrow, tl.sum(pj[:, None] * q * M, 0)[None, :], dk)
+    return a, dq, dk
+
+
+@triton.jit
+def _state_pass(
+    K, V, Q, DO, G, ST,
+    N, n_chunks, n_bh, n_heads,
+    s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
+    KINDS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BKS: tl.constexpr, BVS: tl.constexpr, CH: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Sequential walk over chunks storing, for every chunk, a ``[BKS, BVS]`` block of the fp32 state entering it.
+
+    Grid ``(B·H, 2·KINDS, state blocks)``. Kind 0 (forward state, walk in scan order): ``S ← exp(total) S +
+    (k ⊙ exp(after))ᵀ v``. Kind 1 (gradient state of the backward pass, walk against scan order): ``R ← exp(total) R +
+    (q ⊙ exp(incl))ᵀ dO``, the state of the later tokens' ``q ⊗ dO`` decayed to the end of the chunk. ``ST`` is
+    ``[KINDS, 2, B·H, n_chunks, BK, BV]``."""
+    pid_bh, pid_dk, pid_blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    d = pid_dk // KINDS
+    kind = pid_dk % KINDS
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    kb, vb = pid_blk // (BV // BVS), pid_blk % (BV // BVS)
+    rk = kb * BKS + tl.arange(0, BKS)
+    rv = vb * BVS + tl.arange(0, BVS)
+    rt = tl.arange(0, CH)
+    rev_walk = (d + kind) == 1
+    # kind 0 sums the gates after each row (shifted load), kind 1 the gates up to it (unshifted)
+    shift = (1 - kind) * (1 - 2 * d)
+    # vector-shaped: the interpreter rejects masks broadcast from scalars
+    is0 = ((rt * 0 + kind) == 0)[:, None]
+    is1 = ((rt * 0 + kind) != 0)[:, None]
+    gbase = G + d * g_dir + b * g_b + h * g_h
+    kbase = b * s_b + h * s_h
+    vbase = b * t_b + h * t_h
+    km = (rk < DK)[None, :]
+    sptr = ST + ((kind * 2 + d) * n_bh + pid_bh) * n_chunks * BK * BV + rk[:, None] * BV + rv[None, :]
+    S = tl.zeros([BKS, BVS], tl.float32)
+    for step in range(n_chunks):
+        c = tl.where(rev_walk, n_chunks - 1 - step, step)
+        tl.store(sptr + c * BK * BV, S.to(ST.dtype.element_ty))
+        lo = c * CH
+        hi = tl.minimum(lo + CH, N)
+        tok = lo + rt
+        g = tl.load(gbase + tok[:, None] * g_n + rk[None, :] * g_c, mask=(tok < hi)[:, None] & km, other=0.0)
+        sh = tok + shift
+        gs = tl.load(gbase + sh[:, None] * g_n + rk[None, :] * g_c, mask=((sh >= lo) & (sh < hi))[:, None] & km,
+                     other=0.0)
+        w = tl.where(rev_walk, tl.cumsum(gs, 0), tl.cumsum(gs, 0, reverse=True))
+        # the kind picks the operands; the other pair's loads are masked off and read nothing
+        xm = (tok < hi)[:, None] & km
+        ym = (tok < hi)[:, None] & (rv < DV)[None, :]
+        xo = tok[:, None] * s_n + rk[None, :]
+        yo = tok[:, None] * t_n + rv[None, :]
+        x = (tl.load(K + kbase + xo, mask=xm & is0, other=0.0).to(tl.float32)
+             + tl.load(Q + kbase + xo, mask=xm & is1, other=0.0).to(tl.float32))
+        y = (tl.load(V + vbase + yo, mask=ym & is0, other=0.0).to(tl.float32)
+             + tl.load(DO + vbase + yo, mask=ym & is1, other=0.0).to(tl.float32))
+        xw = tl.trans(x * tl.exp(w)).to(DT)
+        S = S * tl.exp(tl.sum(g, 0))[:, None] + tl.dot(xw, y.to(DT), input_precision=PREC)
+
+
+@triton.jit
+def _fwd_out(
+    Q, K, V, G, ST, O,
+    N, n_chunks, n_bh, n_heads, scale, span_max,
+    s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NS: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Output of one chunk, both directions summed on chip. Grid ``(B·H, n_chunks)``."""
+    pid_bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    kbase = b * s_b + h * s_h
+    vbase = b * t_b + h * t_h
+    r = tl.arange(0, SUB)
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    c0 = c * (NS * SUB)
+    for m in tl.static_range(NS):
+        lo = c0 + m * SUB
+        # sub-chunks past the end hold nothing and contribute nothing (zero keys and values, zero gates)
+        if lo < N:
+            hi = tl.minimum(lo + SUB, N)
+            tok = lo + r
+            q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+            k = _tile(K + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+            v = _tile(V + vbase, tok, hi, rv, DV, t_n).to(DT)
+            out = tl.zeros([SUB, BV], tl.float32)
+            for d in tl.static_range(2):
+                gbase = G + d * g_dir + b * g_b + h * g_h
+                g, incl, after, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, d == 1)
+                qt = q * tl.exp(incl)  # relative to the point just before the tile in scan order: ≤ 1
+                qd = qt.to(DT)
+                # earlier sub-chunks in scan order, nearest first; `mid` sums the gates of those in between
+                mid = tl.zeros([BK], tl.float32)
+                for t in tl.static_range(m * (1 - d) + (NS - 1 - m) * d):
+                    lo_o = c0 + ((m - 1 - t) * (1 - d) + (m + 1 + t) * d) * SUB
+                    if lo_o < N:
+                        hi_o = tl.minimum(lo_o + SUB, N)
+                        tok_o = lo_o + r
+                        k_o = _tile(K + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
+                        v_o = _tile(V + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
+                        _, _, after_o, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
+                        kt = (k_o * tl.exp(after_o + mid[None, :])).to(DT)
+                        a = tl.dot(qd, tl.trans(kt), input_precision=PREC)
+                        out += tl.dot(a.to(DT), v_o, input_precision=PREC)
+                        mid += total_o
+                # earlier chunks through the state entering this one; `mid` sums the chunk's gates before the tile
+                s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c) * BK * BV + rk[:, None] * BV + rv[None, :])
+                out += tl.dot((qt * tl.exp(mid)[None, :]).to(DT), s.to(DT), input_precision=PREC)
+                # the tile itself: factorised through the tile's start when every factor stays within e^±span_max
+                if tl.min(total, 0) >= -span_max:
+                    kh = (k * tl.exp(-incl)).to(DT)
+                    a = tl.where(_causal(r, d == 1), tl.dot(qd, tl.trans(kh), input_precision=PREC), 0.0)
+                else:
+                    a, _, _ = _diag_exact(q, k, q, g, r, d == 1, SUB, False)
+                out += tl.dot(a.to(DT), v, input_precision=PREC)
+            tl.store(O + vbase + tok[:, None] * t_n + rv[None, :], (out * scale).to(O.dtype.element_ty),
+                     mask=(tok < hi)[:, None] & (rv < DV)[None, :])
+
+
+@triton.jit
+def _bwd_out(
+    Q, K, V, DO, G, ST, DQ, DK_, DV_, DA,
+    N, n_chunks, n_bh, n_heads, scale, span_max,
+    s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NS: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq, dk, dv of one chunk (both directions summed on chip) and the per-direction gate terms
+    ``dA_d = q ⊙ dq_d − k ⊙ dk_d`` (``DA [2, B·H, N, DK]`` fp32, direction 0 stored in reversed token order so that
+    one ascending cumulative sum per direction gives the gate gradients). Grid ``(B·H, n_chunks)``; ``ST`` holds the
+    forward states (kind 0) and the gradient states (kind 1) entering each chunk."""
+    pid_bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    kbase = b * s_b + h * s_h
+    vbase = b * t_b + h * t_h
+    r = tl.arange(0, SUB)
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    c0 = c * (NS * SUB)
+    soff = rk[:, None] * BV + rv[None, :]
+    for m in tl.static_range(NS):
+        lo = c0 + m * SUB
+        if lo < N:
+            hi = tl.minimum(lo + SUB, N)
+            tok = lo + r
+            tm = tok < hi
+            q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+            k = _tile(K + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+            v = _tile(V + vbase, tok, hi, rv, DV, t_n).to(DT)
+            do = _tile(DO + vbase, tok, hi, rv, DV, t_n).to(DT)
+            dq = tl.zeros([SUB, BK], tl.float32)
+            dk = tl.zeros([SUB, BK], tl.float32)
+            dv = tl.zeros([SUB, BV], tl.float32)
+            for d in tl.static_range(2):
+                gbase = G + d * g_dir + b * g_b + h * g_h
+                g, incl, after, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, d == 1)
+                eq = tl.exp(incl)
+                qt = q * eq
+                qd = qt.to(DT)
+                # dq from earlier sub-chunks (nearest first) and earlier chunks, to be multiplied by exp(incl)
+                acc = tl.zeros([SUB, BK], tl.float32)
+                mid = tl.zeros([BK], tl.float32)
+                for t in tl.static_range(m * (1 - d) + (NS - 1 - m) * d):
+                    lo_o = c0 + ((m - 1 - t) * (1 - d) + (m + 1 + t) * d) * SUB
+                    if lo_o < N:
+                        hi_o = tl.minimum(lo_o + SUB, N)
+                        tok_o = lo_o + r
+                        k_o = _tile(K + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
+                        v_o = _tile(V + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
+                        _, _, after_o, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
+                        kt = (k_o * tl.exp(after_o + mid[None, :])).to(DT)
+                        p = tl.dot(do, tl.trans(v_o), input_precision=PREC)
+                        acc += tl.dot(p.to(DT), kt, input_precision=PREC)
+                        mid += total_o
+                s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c) * BK * BV + soff).to(DT)
+                acc += tl.dot(do, tl.trans(s), input_precision=PREC) * tl.exp(mid)[None, :]
+                dq_d = eq * acc
+                # dk, dv from later sub-chunks (nearest first) and later chunks
+                dk_d = tl.zeros([SUB, BK], tl.float32)
+                mid = tl.zeros([BK], tl.float32)
+                for t in tl.static_range(m * d + (NS - 1 - m) * (1 - d)):
+                    lo_o = c0 + ((m + 1 + t) * (1 - d) + (m - 1 - t) * d) * SUB
+                    if lo_o < N:
+                        hi_o = tl.minimum(lo_o + SUB, N)
+                        tok_o = lo_o + r
+                        q_o = _tile(Q + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
+                        do_o = _tile(DO + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
+                        _, incl_o, _, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
+                        qt_o = (q_o * tl.exp(incl_o)).to(DT)
+                        f = tl.exp(after + mid[None, :])  # this tile's keys relative to the later tile's start
+                        a = tl.dot(qt_o, tl.trans((k * f).to(DT)), input_precision=PREC)  # [later rows, rows]
+                        p = tl.dot(do_o, tl.trans(v), input_precision=PREC)
+                        dv += tl.dot(tl.trans(a.to(DT)), do_o, input_precision=PREC)
+                        dk_d += f * tl.dot(tl.trans(p.to(DT)), qt_o, input_precision=PREC)
+                        mid += total_o
+                rs = tl.load(ST + (((2 + d) * n_bh + pid_bh) * n_chunks + c) * BK * BV + soff).to(DT)
+                f = tl.exp(after + mid[None, :])  # to the end of the chunk in scan order
+                dk_d += f * tl.dot(v, tl.trans(rs), input_precision=PREC)
+                dv += tl.dot((k * f).to(DT), rs, input_precision=PREC)
+                # the tile itself (see _fwd_out)
+                causal = _causal(r, d == 1)
+                p = tl.where(causal, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)
+                if tl.min(total, 0) >= -span_max:
+                    eqi = tl.exp(-incl)
+                    kh = (k * eqi).to(DT)
+                    a = tl.where(causal, tl.dot(qd, tl.trans(kh), input_precision=PREC), 0.0)
+                    dq_d += eq * tl.dot(p.to(DT), kh, input_precision=PREC)
+                    dk_d += eqi * tl.dot(tl.trans(p.to(DT)), qd, input_precision=PREC)
+                else:
+                    a, dq_x, dk_x = _diag_exact(q, k, p, g, r, d == 1, SUB, True)
+                    dq_d += dq_x
+                    dk_d += dk_x
+                dv += tl.dot(tl.trans(a.to(DT)), do, input_precision=PREC)
+                if d == 0:
+                    arow = N - 1 - tok
+                else:
+                    arow = tok
+                tl.store(DA + (d * n_bh + pid_bh) * N * DK + arow[:, None] * DK + rk[None, :],
+                         (q * dq_d - k * dk_d) * scale, mask=tm[:, None] & (rk < DK)[None, :])
+                dq += dq_d
+                dk += dk_d
+            kmask = tm[:, None] & (rk < DK)[None, :]
+            vmask = tm[:, None] & (rv < DV)[None, :]
+            kout = kbase + tok[:, None] * s_n + rk[None, :]
+            tl.store(DQ + kout, (dq * scale).to(DQ.dtype.element_ty), mask=kmask)
+            tl.store(DK_ + kout, (dk * scale).to(DK_.dtype.element_ty), mask=kmask)
+            tl.store(DV_ + vbase + tok[:, None] * t_n + rv[None, :], (dv * scale).to(DV_.dtype.element_ty),
+                     mask=vmask)
