@@ -41,7 +41,7 @@ from visionfx.recovery.easy_vqa_data import EasyVQA, VqaSplit, normalize_images
 from visionfx.recovery.easy_vqa_llava import evaluate_vqa
 from visionfx.recovery.engine import StageClock
 
-__all__ = ["REDUCTIONS", "RouterBatches", "calibrate_var", "run_easy_vqa_fidelity", "fidelity_markdown",
+__all__ = ["REDUCTIONS", "RouterBatches", "visual_compute_saved", "calibrate_var", "run_easy_vqa_fidelity", "fidelity_markdown",
            "write_markdown_section", "MD_BEGIN", "MD_END"]
 
 REDUCTIONS = (0.5, 0.75, 0.9, 0.95)
@@ -74,6 +74,15 @@ class RouterBatches(Dataset):
         labels[:, -2:] = b["input_ids"][:, -2:]
         return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
                 "pixel_values": normalize_images(b["images"]), "labels": labels}
+
+
+def visual_compute_saved(exit_layers, visual_tokens, num_layers: int) -> float:
+    """Σ_b N_b · (L − 1 − k_b) / Σ_b N_b · L: the share of (visual token, decoder layer) pairs skipped when sample b
+    exits after layer k_b (L − 1: none skipped). ``visual_tokens``: N_b per sample, or one count for all."""
+    exits = list(exit_layers)
+    counts = [visual_tokens] * len(exits) if isinstance(visual_tokens, int) else list(visual_tokens)
+    total = sum(counts) * num_layers
+    return sum(n * (num_layers - 1 - k) for n, k in zip(counts, exits) if k >= 0) / total if total else 0.0
 
 
 def _prompt_batches(split: VqaSplit, count: int, batch_size: int, device, dtype) -> list[dict]:
@@ -200,7 +209,7 @@ def run_easy_vqa_fidelity(model, data: EasyVQA, output_dir: str | os.PathLike | 
     finally:
         visionfx.unpatch(model)
     mean_exit = sum(exits) / max(len(exits), 1)
-    saved = sum(L - 1 - k for k in exits) / max(len(exits) * L, 1)
+    saved = visual_compute_saved(exits, N, L)
     histogram = {k: exits.count(k) for k in sorted(set(exits))}
     dyvte_info = {"router_steps": trained["steps"], "router_layers": trained["layers"], "train_seconds": train_seconds,
                   "exit_histogram": histogram, "log": said}
