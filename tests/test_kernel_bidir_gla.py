@@ -1,0 +1,215 @@
+"""Chunked Triton bidirectional GLA (tensor-core intra-chunk terms) against a float64 materialised oracle.
+
+The oracle builds the full ``[N, N, dk]`` decay tensors from float64 global cumulative sums (METHODS.md §7.1 closed
+form), independently of the chunked reference and of the kernels' sub-chunk factorisation. On CPU the kernels run
+under TRITON_INTERPRET=1 (conftest.py) in fp32, on tiny odd shapes; gate regimes cover near-zero and exactly zero
+decays, strong decays (−20 per token, which must take the exact diagonal path) and blocks just inside the factorised
+diagonal's limit. GPU tests (bf16/fp16, PERFORMANCE.md shapes) are marked and skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+import visionfx.kernels.bidir_gla.triton as kt  # noqa: E402
+from visionfx.kernels.bidir_gla.reference import bidir_gla_reference  # noqa: E402
+from visionfx.kernels.bidir_gla.triton import bidir_gla_triton  # noqa: E402
+
+
+def naive(q, k, v, gf, gb, scale):
+    """float64, materialised: ``o = scale/2 · W v`` with ``W_ij = Σ_c q_ic k_jc (D_f + D_b)_ijc``,
+    ``D_f = exp(A_i − A_j)`` for i ≥ j and ``D_b = exp(Z_i − Z_j)`` for i ≤ j (A prefix, Z suffix sums of the gates)."""
+    q, k, v, gf, gb = (t.double() for t in (q, k, v, gf, gb))
+    N = q.shape[2]
+    A = gf.cumsum(2)
+    Z = gb.flip(2).cumsum(2).flip(2)
+    i = torch.arange(N, device=q.device)
+    lower = (i[:, None] >= i[None, :])[..., None]
+    upper = (i[:, None] <= i[None, :])[..., None]
+    d_f = torch.where(lower, A[:, :, :, None] - A[:, :, None], float("-inf")).exp()
+    d_b = torch.where(upper, Z[:, :, :, None] - Z[:, :, None], float("-inf")).exp()
+    w = torch.einsum("bhic,bhjc,bhijc->bhij", q, k, d_f + d_b)
+    return 0.5 * scale * (w @ v)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def close(a, b, tol=1e-5):
+    """Relative L2 error below ``tol``, or absolute agreement to fp32 rounding of O(1) terms where the reference is
+    (near) zero (gate gradients cancel: dA = q⊙dq − k⊙dk)."""
+    return rel(a, b) < tol or (a.double() - b.double()).abs().max().item() < 1e-6
+
+
+def gates(regime, B, H, N, d, g):
+    """``[B, H, N, d]`` log-decays (≤ 0) of one regime."""
+    if regime == "vig-init":  # logsigmoid(4)/16, the init for a pretrained host
+        return F.logsigmoid(4.0 + 0.1 * torch.randn(B, H, N, d, generator=g)) / 16
+    if regime == "zero":
+        return torch.zeros(B, H, N, d)
+    if regime == "moderate":
+        return -torch.rand(B, H, N, d, generator=g)
+    if regime == "strong":  # −20 per token; a few channels barely decay, one not at all
+        t = -20.0 + torch.rand(B, H, N, d, generator=g)
+        t[..., :3] = -1e-3 * torch.rand(B, H, N, 3, generator=g)
+        t[..., 3] = 0.0
+        return t
+    if regime == "blocks":  # per 16-token block: just inside the factorised limit (15 × 2.6 = 39), none, −20, mixed
+        t = -torch.rand(B, H, N, d, generator=g) * 0.5
+        t[:, :, 0:16] = -2.6
+        t[:, :, 16:32] = -1e-7
+        t[:, :, 32:48] = -20.0
+        t[:, :, 48:64, : d // 2] = -20.0
+        return t
+    raise ValueError(regime)
+
+
+def make(B, H, N, dk, dv, regime="moderate", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, N, dk, generator=g) for _ in range(2))
+    v = torch.randn(B, H, N, dv, generator=g)
+    return [q, k, v, gates(regime, B, H, N, dk, g), gates(regime, B, H, N, dk, g).flip(2).contiguous()]
+
+
+def check(q, k, v, gf, gb, scale=0.3, **kw):
+    """Forward and all five gradients of the kernel against the float64 oracle."""
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, gf, gb)]
+    out = bidir_gla_triton(*leaves, scale=scale, **kw)
+    ref = naive(*leaves, scale)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < 1e-5
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, leaves, do)
+    want = torch.autograd.grad(ref, leaves, do.double())
+    for name, a, b in zip(("dq", "dk", "dv", "dgf", "dgb"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert close(a, b), (name, rel(a, b))
+
+
+def test_naive_oracle_matches_chunked_reference():
+    """The oracle itself agrees with the chunked reference in float64 (two independent formulations)."""
+    q, k, v, gf, gb = make(1, 1, 37, 8, 8, "moderate")
+    torch.testing.assert_close(naive(q, k, v, gf, gb, 0.3),
+                               bidir_gla_reference(*(t.double() for t in (q, k, v, gf, gb)), scale=0.3, chunk_size=16))
+
+
+@pytest.mark.parametrize("regime", ["vig-init", "zero", "moderate", "strong", "blocks"])
+def test_gate_regimes_forward_and_gradients(regime):
+    check(*make(1, 1, 70, 24, 40, regime))
+
+
+def test_exact_diagonal_everywhere():
+    """DIAG_SPAN_MAX < 0 sends every diagonal block to the exact walk; it agrees with the oracle too."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(kt, "DIAG_SPAN_MAX", -1.0)
+    try:
+        check(*make(1, 1, 40, 16, 16, "moderate"))
+    finally:
+        mp.undo()
+
+
+def test_strong_decays_need_the_exact_diagonal():
+    """With the guard lifted, the factorised diagonal forms exp(+300) and breaks: the strong-decay regime above
+    therefore exercises the exact fallback, not the factorised path."""
+    q, k, v, gf, gb = make(1, 1, 20, 16, 16, "strong")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(kt, "DIAG_SPAN_MAX", 1e9)
+    try:
+        out = bidir_gla_triton(q, k, v, gf, gb, scale=0.3)
+    finally:
+        mp.undo()
+    assert not (torch.isfinite(out).all() and rel(out, naive(q, k, v, gf, gb, 0.3)) < 1e-3)
+
+
+def test_several_chunks_and_split_states():
+    """Three chunks (states carried over two boundaries each way) with the state split into 16×16 blocks."""
+    assert kt._state_blocks(2, 32, 32, torch.device("cpu")) == (32, 32)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(kt, "STATE_MIN_BLOCK", 16)
+    try:
+        assert kt._state_blocks(2, 32, 32, torch.device("cpu")) == (16, 16)
+        check(*make(1, 1, 131, 32, 32, "vig-init", seed=2))
+    finally:
+        mp.undo()
+
+
+def test_gate_views_and_strided_inputs():
+    """Gates as two views of one permuted buffer (as the vig mixer makes them) and non-contiguous q, k, v give the
+    same result as separate contiguous tensors."""
+    g = torch.Generator().manual_seed(3)
+    B, H, N, d = 1, 2, 21, 16
+    buf = F.logsigmoid(torch.randn(B, N, 2, H, d, generator=g) + 2.0) / 4
+    gf, gb = buf.permute(2, 0, 3, 1, 4)
+    qkv = torch.randn(B, N, 3, H, d, generator=g).permute(2, 0, 3, 1, 4)
+    out = bidir_gla_triton(qkv[0], qkv[1], qkv[2], gf, gb, scale=0.25)
+    want = bidir_gla_triton(*(t.contiguous() for t in (qkv[0], qkv[1], qkv[2], gf, gb)), scale=0.25)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert rel(out, naive(qkv[0], qkv[1], qkv[2], gf, gb, 0.25)) < 1e-5
+
+
+def test_chunked_matches_legacy_scan():
+    q, k, v, gf, gb = make(1, 1, 17, 16, 16, "moderate", seed=4)
+    outs, grads = [], []
+    for impl in ("chunked", "scan"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, gf, gb)]
+        out = bidir_gla_triton(*leaves, scale=0.3, impl=impl)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    assert rel(outs[0], outs[1]) < 1e-5
+    for a, b in zip(*grads):
+        assert close(a, b)
+
+
+def test_unknown_impl_is_refused():
+    q, k, v, gf, gb = make(1, 1, 3, 16, 16)
+    with pytest.raises(ValueError, match="impl"):
+        bidir_gla_triton(q, k, v, gf, gb, scale=1.0, impl="fast")
+
+
+def _cuda(ts, dtype):
+    return [t.to("cuda", dtype if i < 3 else torch.float32) for i, t in enumerate(ts)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["chunked", "scan"])
+@pytest.mark.parametrize("N", [197, 577, 1025, 4097, 16385])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gpu_both_impls(N, dtype, impl):
+    B = max(1, 12608 // N)
+    q, k, v, gf, gb = _cuda(make(B, 6, N, 64, 64, "vig-init"), dtype)
+    scale = 64**-0.5
+    leaves = [t.requires_grad_() for t in (q, k, v, gf, gb)]
+    out = bidir_gla_triton(q, k, v, gf, gb, scale=scale, impl=impl)
+    exact = bidir_gla_reference(*(t.double() for t in (q, k, v, gf, gb)), scale=scale)
+    lowp = bidir_gla_reference(q, k, v, gf, gb, scale=scale)  # fp32 states, inputs and output in dtype
+    assert rel(out, exact) <= 2 * rel(lowp, exact) + 1e-3
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, do)
+    want = torch.autograd.grad(bidir_gla_reference(*(t.double() for t in leaves), scale=scale), leaves, do.double())
+    for got, w in zip(grads, want):
+        assert torch.isfinite(got).all()
+        assert rel(got, w) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("regime", ["zero", "moderate", "strong", "blocks"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gate_regimes_gpu(regime, dtype):
+    """Compiled kernels (both diagonal paths, all dot precisions) against the float64 oracle, head dims 64 and 128."""
+    for d in (64, 128):
+        q, k, v, gf, gb = _cuda(make(2, 3, 203, d, d, regime, seed=5), dtype)
+        leaves = [t.requires_grad_() for t in (q, k, v, gf, gb)]
+        out = bidir_gla_triton(*leaves, scale=d**-0.5)
+        ref = naive(*leaves, d**-0.5)  # float64 on the GPU
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        assert rel(out, ref) < tol
+        do = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, leaves, do), torch.autograd.grad(ref, leaves, do.double())):
+            assert torch.isfinite(a).all()
+            assert rel(a, b) < (1e-4 if dtype == torch.float32 else 3e-2)
