@@ -191,8 +191,14 @@ def run_easy_vqa_fidelity(model, data: EasyVQA, output_dir: str | os.PathLike | 
         loader = torch.utils.data.DataLoader(RouterBatches(data.train, router_batch_size, router_steps, seed + 5),
                                              batch_size=None)
         said: list[str] = []
+
+        def say(line: str) -> None:
+            said.append(line)
+            if progress:
+                print(f"dyvte routers: {line}", flush=True)
+
         trained = train_routers(model, loader, max_steps=router_steps, lr=router_lr, seed=seed,
-                                accelerator=accelerator, log_every=0, log=said.append)
+                                accelerator=accelerator, log_every=100, log=say)
         clock.stop()
         train_seconds = clock.seconds
         if output_dir is not None:
