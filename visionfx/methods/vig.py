@@ -22,7 +22,24 @@ Decisions where the spec leaves room:
 * W1 is initialised as officially (xavier-uniform, gain 2^-2.5) under both inits: with ``W2 = 0`` it does not change
   the layer at step 0, and a zero W1 would leave W1 and W2 without gradient.
 * The official init has zero biases; ``forget_bias_init`` and ``mix_bias_init`` belong to the pretrained init.
-* Log-decays are computed in fp32 (float64 for float64 inputs), whatever the parameters' dtype.
+* Log-decays are computed in fp32 (float64 for float64 inputs), whatever the parameters' dtype: the low-rank gate's
+  second GEMM reads its (rank-wide) input in fp32 and writes fp32 logits directly, and ``logsigmoid(g)/n`` is one
+  ``softplus`` with a negative β.
+
+Memory layout (every step is token-wise except the DWC and the scans, so the token order is free to choose):
+
+* :meth:`VigAttention.pre_qkv` returns xs in **scan order** (patches before ``⌊P/2⌋``, prefix tokens, the rest): the
+  copy that joins the prefix tokens to the DWC output is needed anyway, and placing them at their scan index there
+  means q, k, v (the host qkv on xs) and the gates arrive in scan order with no further copy. The ``x`` that
+  :meth:`VigAttention.forward` receives is this xs.
+* The DWC runs on channels-last memory (the patch tokens of ``[B, N, C]`` are already channels-last up to the batch
+  stride), so its output is ``[B, H·W, C]`` without a transpose copy.
+* The forward and backward log-decays are two views of one fp32 ``[B, N, 2, h, d]`` buffer, the layout the bidir_gla
+  kernel reads without copying.
+* The output stage is two RMSNorms, a sigmoid and one ``lerp`` (``y = L̂ + G·(ô − L̂)``), which writes y in host
+  order into ``[B, N, h, d]`` memory (returned as its ``[B, h, N, d]`` view, so merging the heads is free). Without
+  autograd, in eager mode, the lerp writes its three token ranges straight into their host positions; with autograd
+  or under ``torch.compile`` (which fuses it) the scan-order result is reordered by a concatenation.
 """
 
 from __future__ import annotations
@@ -98,15 +115,30 @@ def scan_index(num_patches: int, position: str) -> int:
     return {"middle": num_patches // 2, "front": 0, "end": num_patches}[position]
 
 
+def _scan_cat(prefix: torch.Tensor, patches: torch.Tensor, index: int, dim: int) -> torch.Tensor:
+    """Join ``prefix`` and ``patches`` along ``dim`` with the prefix just before patch ``index`` (one copy)."""
+    if prefix.shape[dim] == 0:
+        return patches
+    if index == 0:
+        return torch.cat((prefix, patches), dim)
+    if index == patches.shape[dim]:
+        return torch.cat((patches, prefix), dim)
+    rest = patches.shape[dim] - index
+    return torch.cat((patches.narrow(dim, 0, index), prefix, patches.narrow(dim, index, rest)), dim)
+
+
+def _segments(num_prefix: int, num_patches: int, index: int) -> list[tuple[int, int, int]]:
+    """``(scan start, host start, length)`` of the non-empty token ranges that scan order moves."""
+    segs = [(0, num_prefix, index), (index, 0, num_prefix), (index + num_prefix, num_prefix + index, num_patches - index)]
+    return [s for s in segs if s[2] > 0]
+
+
 def to_scan_order(t: torch.Tensor, num_prefix: int, index: int, dim: int = 2) -> torch.Tensor:
     """Move the first ``num_prefix`` tokens of ``t`` (along ``dim``), contiguously, to just before patch ``index``."""
     if num_prefix == 0 or index == 0:
         return t
     n = t.shape[dim]
-    prefix = t.narrow(dim, 0, num_prefix)
-    before = t.narrow(dim, num_prefix, index)
-    after = t.narrow(dim, num_prefix + index, n - num_prefix - index)
-    return torch.cat((before, prefix, after), dim)
+    return _scan_cat(t.narrow(dim, 0, num_prefix), t.narrow(dim, num_prefix, n - num_prefix), index, dim)
 
 
 def from_scan_order(t: torch.Tensor, num_prefix: int, index: int, dim: int = 2) -> torch.Tensor:
@@ -114,24 +146,9 @@ def from_scan_order(t: torch.Tensor, num_prefix: int, index: int, dim: int = 2) 
     if num_prefix == 0 or index == 0:
         return t
     n = t.shape[dim]
-    before = t.narrow(dim, 0, index)
-    prefix = t.narrow(dim, index, num_prefix)
-    after = t.narrow(dim, index + num_prefix, n - num_prefix - index)
-    return torch.cat((prefix, before, after), dim)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension, computed in fp32 (float64 stays float64), in ``x``'s dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(acc)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.to(acc)).to(x.dtype)
-
-
-def _heads(t: torch.Tensor, h: int, d: int) -> torch.Tensor:
-    """``[B, N, h·d]`` -> ``[B, h, N, d]`` (channel ``g·d + e`` is head g, dimension e)."""
-    B, N, _ = t.shape
-    return t.reshape(B, N, h, d).transpose(1, 2)
+    pieces = [t.narrow(dim, src, length) for src, _, length in sorted(_segments(num_prefix, n - num_prefix, index),
+                                                                      key=lambda seg: seg[1])]
+    return torch.cat(pieces, dim)
 
 
 class VigAttention(TokenMixer):
@@ -183,40 +200,68 @@ class VigAttention(TokenMixer):
         nn.init.constant_(self.mix.bias, cfg.mix_bias_init)
 
     def pre_qkv(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """``x [B, N, C]`` -> ``xs [B, N, C]``: the DWC over the patch grid; prefix tokens pass unchanged."""
+        """``x [B, N, C]`` -> ``xs [B, N, C]`` in scan order: the DWC over the patch grid, the prefix tokens unchanged
+        and moved to scan index :func:`scan_index` (see the module docstring)."""
         B, N, C = x.shape
         P0, (H, W) = layout.num_prefix_tokens, layout.grid
-        grid = x[:, P0:].transpose(1, 2).reshape(B, C, H, W)
+        # the patch tokens are channels-last already; making the batch stride compact is the conv's only input copy
+        grid = x[:, P0:].transpose(1, 2).reshape(B, C, H, W).contiguous(memory_format=torch.channels_last)
         local = self.dwc(grid)
         if self.config.act_in_conv:
             local = F.silu(local)
-        return torch.cat((x[:, :P0], local.flatten(2).transpose(1, 2)), dim=1)
+        local = local.flatten(2).transpose(1, 2).contiguous()  # a view of channels-last memory: no copy
+        return _scan_cat(x[:, :P0], local, scan_index(H * W, self.config.prefix_position), dim=1)
 
     def log_decays(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward log-decays ``[B, h, N, d]`` (fp32, float64 for float64 input) from ``xs [B, N, C]``."""
+        """Forward and backward log-decays ``[B, h, N, d]`` (fp32, float64 for float64 input) from ``xs [B, N, C]``,
+        in xs's token order: two views of one ``[B, N, 2, h, d]`` buffer."""
         B, N, _ = xs.shape
         acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
-        g = self.gate_up(self.gate_down(xs)).to(acc)
-        a = F.logsigmoid(g) / self.config.gate_normalizer
-        a = a.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        up, n = self.gate_up, self.config.gate_normalizer
+        # logsigmoid(g)/n = softplus(g/n; β = −n): one pass over the fp32 logits instead of two, with 1/n folded into
+        # the small W2 and b2; past the threshold (−g > 40) softplus returns g/n, which is logsigmoid(g)/n to within
+        # e^-40 relative, and never exponentiates a large number
+        u = F.linear(self.gate_down(xs).to(acc), up.weight.to(acc) / n, up.bias.to(acc) / n).to(acc)
+        a = F.softplus(u, beta=-n, threshold=40.0)
+        a = a.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return a[0], a[1]
 
     def forward(self, q, k, v, x, layout: TokenLayout):
-        """``q, k, v [B, h, N, d]``, ``x`` = xs ``[B, N, C]`` -> y ``[B, h, N, d]`` (see the module docstring)."""
-        B, h, N, d = q.shape
+        """``q, k, v [B, h, N, d]`` and ``x`` = xs ``[B, N, C]``, all in scan order (see :meth:`pre_qkv`) -> y
+        ``[B, h, N, d]`` in host order, a view of ``[B, N, h, d]`` memory."""
+        d = q.shape[-1]
         P0, (H, W) = layout.num_prefix_tokens, layout.grid
         gf, gb = self.log_decays(x)
-        m = scan_index(H * W, self.config.prefix_position)
-        q, k, v, gf, gb = (to_scan_order(t, P0, m) for t in (q, k, v, gf, gb))
         o = self.kernel(q)(q, k, v, gf, gb, scale=d**-0.5)
-        o = from_scan_order(o, P0, m)
+        return self._output(o, x, P0, H * W).transpose(1, 2)
 
-        eps = self.config.rms_eps
-        o_hat = _rms_norm(o, self.norm_o, eps)
-        l_hat = _rms_norm(_heads(x, h, d), self.norm_l, eps)
-        gate = torch.sigmoid(_heads(self.mix(x), h, d))
-        y = o_hat * gate + l_hat * (1 - gate)
-        return F.silu(y) if self.config.out_act else y
+    def _output(self, o: torch.Tensor, xs: torch.Tensor, P0: int, P: int) -> torch.Tensor:
+        """Scan-order ``o [B, h, N, d]`` and ``xs [B, N, C]`` -> y ``[B, N, h, d]`` (contiguous) in host order."""
+        B, h, N, d = o.shape
+        cfg = self.config
+        dtype = torch.promote_types(o.dtype, xs.dtype)
+        # normalise o in whichever of its two layouts is contiguous, so the norm copies nothing
+        o_t = o.transpose(1, 2)
+        if o_t.is_contiguous():
+            o_hat = F.rms_norm(o_t, (d,), self.norm_o, cfg.rms_eps)
+        else:
+            o_hat = F.rms_norm(o, (d,), self.norm_o, cfg.rms_eps).transpose(1, 2)
+        l_hat = F.rms_norm(xs.unflatten(-1, (h, d)), (d,), self.norm_l, cfg.rms_eps)
+        gate = self.mix(xs).sigmoid_().unflatten(-1, (h, d))
+        o_hat, l_hat, gate = o_hat.to(dtype), l_hat.to(dtype), gate.to(dtype)
+        m = scan_index(P, cfg.prefix_position)
+        if P0 == 0 or m == 0:
+            y = torch.lerp(l_hat, o_hat, gate)
+        elif torch.is_grad_enabled() or torch.compiler.is_compiling():
+            y = from_scan_order(torch.lerp(l_hat, o_hat, gate), P0, m, dim=1)
+        else:
+            y = o.new_empty((B, N, h, d), dtype=dtype)
+            for src, dst, n in _segments(P0, P, m):
+                torch.lerp(l_hat[:, src : src + n], o_hat[:, src : src + n], gate[:, src : src + n],
+                           out=y[:, dst : dst + n])
+        if cfg.out_act:
+            y = F.silu(y, inplace=not torch.is_grad_enabled())
+        return y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, prefix_position={self.config.prefix_position}"
