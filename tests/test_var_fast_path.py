@@ -59,13 +59,16 @@ def test_sink_scores_against_naive_formula():
 
 def test_column_masks_and_fp32_rows_against_oracle():
     attn, image, sinks, rows = synthetic(seed=5)
-    reduce, update = column_masks(image, sinks, torch.float32, torch.float64)
-    assert reduce.shape == (2, 14, 4) and update.shape == (2, 2, 14)
-    assert torch.equal(reduce.bool(), torch.stack([image, image & sinks, sinks, image & ~sinks], -1))
-    assert torch.equal(update.bool(), torch.stack([sinks, image & ~sinks], 1))
+    reduce, update = column_masks(image, sinks, 0.6, torch.float32, torch.float64)
+    assert reduce.shape == (2, 14, 4) and update.shape == (2, 2, 14) and reduce.dtype == torch.float64
+    f = lambda m: m.double()  # noqa: E731
+    torch.testing.assert_close(reduce, torch.stack([f(image), f(image & sinks), 0.6 * f(sinks), f(image & ~sinks)],
+                                                   -1), atol=0, rtol=0)
+    torch.testing.assert_close(update, torch.stack([-0.6 * sinks.float(), (image & ~sinks).float()], 1), atol=0,
+                               rtol=0)
     # the caller's masks may be wider than S (capacity kept for decoding): only the first S columns count
     wide = column_masks(torch.nn.functional.pad(image, (0, 6)), torch.nn.functional.pad(sinks, (0, 6)),
-                        torch.float32, torch.float64)
+                        0.6, torch.float32, torch.float64)
     a32 = attn.float()
     out = redistribute(a32, image, sinks, rows, 0.6, 0.5, 0.1, masks=wide)
     assert torch.equal(out, redistribute(a32, image, sinks, rows, 0.6, 0.5, 0.1))
@@ -134,7 +137,7 @@ def test_decoding_masks_grow_beyond_capacity(llava, batch, cleanup):
         n = entry["capacity"]
         assert torch.equal(entry["sinks"], torch.nn.functional.pad(handle.sink_masks[2], (0, n - P)))
         assert torch.equal(entry["image"], torch.nn.functional.pad(handle.state.image, (0, n - P)))
-        ref = column_masks(entry["image"], entry["sinks"], torch.float32, torch.float64)
+        ref = column_masks(entry["image"], entry["sinks"], 0.6, torch.float32, torch.float64)
         assert all(torch.equal(a, b) for a, b in zip(entry["masks"], ref))
     ctx = handle._context(2, 3, P)
     assert ctx["image"].shape == ctx["sinks"].shape == (2, P) and ctx["rows"].shape == (2, 3)

@@ -14,8 +14,17 @@ How it runs:
 - a pre-hook on ``LlavaModel`` records image span, padding, prompt length and prefill/decoding; pre-hooks on the
   decoder layers where VAR may act record the prefill sink sets ``[B, L0]`` from their inputs;
 - :func:`var_attention` is eager attention (bit for bit) where VAR is inactive, and applies :func:`redistribute`
-  to the modifiable rows of active layers; ``mode="hybrid"`` computes every row with SDPA and recomputes only rows
-  that can change (prefill rows after the first image's end, decoding rows) eagerly.
+  to the modifiable rows of active layers; ``mode="hybrid"`` computes the rows that cannot change with SDPA and only
+  the others (prefill rows after the first image's end, decoding rows) eagerly.
+
+Cost (MLLM.md §3.7, PERFORMANCE.md: ≤ 1.3× eager): the eager path materialises exactly what eager attention does;
+VAR's own work is confined to the rows that can change (in prefill the rows from the earliest end of an image with
+a visual sink: tens of rows, not the [B, H, L, L] matrix), the four row masses come from one float64 matmul against
+0/1 key masks (exact whatever the fp32 matmul precision), the update is one fused ``α + α·scale`` and the changed rows
+are written into the cast weights in place (no grad) or concatenated (grad). Sink scores reduce the squared norm in
+fp32 straight from the bf16 residual stream. The host learns once per prefill whether any image exists and once per
+layer whether it has visual sinks and its first modifiable row (one device sync each); decoding steps slice padded
+masks kept per layer and need no sync.
 
 Decisions the docs leave open:
 - Sink sets are computed over the prompt only (positions before the recorded prompt length), so generation without
@@ -138,13 +147,14 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.device.type in ("cpu", "cuda") else t.dtype
 
 
-def column_masks(image: torch.Tensor, sinks: torch.Tensor, dtype: torch.dtype,
+def column_masks(image: torch.Tensor, sinks: torch.Tensor, p: float, dtype: torch.dtype,
                  acc: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """0/1 key masks of :func:`redistribute`: ``(reduce [B, S, 4] in acc (image, visual sink, sink, receiver),
-    update [B, 2, S] in dtype (sink, receiver))`` from ``image``/``sinks [B, S]`` bool."""
+    """Key masks of :func:`redistribute` from ``image``/``sinks [B, S]`` bool: ``(reduce [B, S, 4] in acc: columns
+    image, visual sink, p·sink, receiver; update [B, 2, S] in dtype: rows −p·sink, receiver)``."""
     receiver = image & ~sinks
-    reduce = torch.stack([image, image & sinks, sinks, receiver], -1).to(acc or dtype)
-    return reduce, torch.stack([sinks, receiver], 1).to(dtype)
+    acc = acc or dtype
+    reduce = torch.stack([image.to(acc), (image & sinks).to(acc), sinks.to(acc) * p, receiver.to(acc)], -1)
+    return reduce, torch.stack([sinks.to(dtype) * -p, receiver.to(dtype)], 1)
 
 
 def redistribute(attn: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, rows: torch.Tensor, p: float,
@@ -158,35 +168,34 @@ def redistribute(attn: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, r
         rows: ``[B, Q]`` bool, rows that may be modified (the caller also clears samples without a visual sink).
         p, rho, summ: paper convention (p moved, ρ minimum non-sink share, summ minimum image mass).
         official: the public code's arithmetic: head test ``S_vs / Σ(α_img + 1e-6) ≤ 1 − ρ`` and ratios without ε.
-        masks: :func:`column_masks` of ``image``/``sinks`` (their first S columns), when the caller keeps them.
+        masks: :func:`column_masks` of ``image``/``sinks`` with this ``p`` (at least S columns; the first S count),
+            when the caller keeps them.
 
     Returns:
         ``[B, H, Q, S]``: selected rows with ``p`` of their sink mass moved to the visual non-sink keys in
         proportion to their weights; every other row is returned unchanged (bit for bit).
 
-    The four row masses (image, visual sink, sink, receiver) come from one batched matmul against 0/1 masks, in
-    float64, instead of masked copies of the weights; the update is one fused expression
-    ``α' = α + α · (a·[sink] + c·[receiver])`` with per-row ``a = −p`` and ``c = Ω / Σ_receivers`` on selected rows
-    and 0 elsewhere, so unselected rows and untouched columns get ``α + α·0 = α`` exactly.
+    The row masses (image, visual sink, budget Ω = p·Σ sinks, receivers) come from one batched matmul against the
+    masks, in float64, instead of masked copies of the weights; the non-sink share is Σ receivers / (Σ image + ε)
+    (receivers = image ∖ sinks, the numerator S_img − S_vs of §3.6 without its cancellation). The update is one
+    fused expression ``α' = α + α · ([sel]·(−p·[sink]) + c·[receiver])`` with ``c = Ω / Σ receivers`` on selected
+    rows and 0 elsewhere, so unselected rows and untouched columns get ``α + α·0 = α`` exactly.
     """
     B, H, Q, S = attn.shape
-    reduce, update = masks if masks is not None else column_masks(image, sinks, attn.dtype, _acc_dtype(attn))
-    reduce, update = reduce[:, :S], update[:, :, :S].to(attn.dtype)
-    acc = reduce.dtype
-    m = torch.bmm(attn.to(acc).reshape(B, H * Q, S), reduce).view(B, H, Q, 4)
-    s_img, s_vs, s_snk, s_rcv = m.unbind(-1)
+    reduce, update = masks if masks is not None else column_masks(image, sinks, p, attn.dtype, _acc_dtype(attn))
+    reduce, update = reduce[:, :S], update[:, None, :, :S].to(attn.dtype)
+    m = torch.bmm(attn.to(reduce.dtype).reshape(B, H * Q, S), reduce).view(B, H, Q, 4)
+    s_img, s_vs, budget, s_rcv = m.unbind(-1)
     if official:
-        n_img = image.sum(-1).to(acc)[:, None, None]
+        n_img = image.sum(-1).to(m.dtype)[:, None, None]
         head_ok = (s_vs / (s_img + n_img * CODE_EPS) <= 1 - rho) & (s_img >= summ)
         denom = torch.where(s_rcv > 0, s_rcv, 1)
     else:
-        head_ok = (s_img >= summ) & ((s_img - s_vs) / (s_img + eps) >= rho)
+        head_ok = (s_img >= summ) & (s_rcv / (s_img + eps) >= rho)
         denom = s_rcv.clamp(min=eps)
-    sel = head_ok & rows[:, None, :]
-    a = sel.to(attn.dtype).mul_(-p)[..., None]
-    c = torch.where(sel, s_snk * p / denom, 0.0).to(attn.dtype)[..., None]
-    scale = update[:, None, 0:1] * a
-    scale.addcmul_(update[:, None, 1:2], c)
+    sel = (head_ok & rows[:, None, :])[..., None]
+    scale = torch.where(sel, update[:, :, 0:1], 0.0)
+    scale.addcmul_(update[:, :, 1:2], torch.where(sel, (budget / denom)[..., None], 0.0))
     return torch.addcmul(attn, attn, scale)
 
 
@@ -390,7 +399,7 @@ class VARHandle(LlavaHandle):
             pad = capacity - st.length
             image, sinks = (nn.functional.pad(t, (0, pad)) for t in (st.image, sinks))
             entry = {"capacity": capacity, "image": image, "sinks": sinks,
-                     "masks": column_masks(image, sinks, torch.float32, _acc_dtype(image))}
+                     "masks": column_masks(image, sinks, self.config.p, torch.float32, _acc_dtype(image))}
             self._masks[layer] = entry
         return entry
 
