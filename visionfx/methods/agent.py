@@ -27,6 +27,15 @@ Differences from the official code, and choices the paper leaves open:
   grid; adaptive pooling handles any ``H×W``.
 * ``attn_drop`` is the host's dropout probability at patch time, applied to both probability matrices in training.
 * Biases are added in fp32 but stored in the host's dtype (the adapter places the module like its host).
+* Pooling and bias resampling run as matrix products with constant per-grid matrices built on the device and cached
+  (:func:`~visionfx.methods.slab.grid_constant`): the agents are ``P Q_patch`` with ``P [n, H·W]`` holding
+  ``1/|bin|`` over each adaptive-pooling bin (PyTorch's bin bounds; in the inputs' dtype, so half-precision inputs
+  see ``1/|bin|`` rounded to that dtype), and each bias is one product of its parameters (base map, row and column
+  factors, prefix entries, side by side) with the stacked interpolation matrix ``T [K, N]``. Equal to the pooling
+  and interpolation above up to rounding.
+* The DWC runs channels-last on the token layout (:func:`~visionfx.methods.slab.depthwise_conv_patch_rows`) and is
+  added in place to the op's output when autograd does not need it (the Triton op keeps its output for the
+  backward), else as a zero-prefix term in one addition; the V shortcut is one fused ``o + λ·v``.
 * AgentSD's ToMe-cluster agents (``agent_source="merge"`` in METHODS.md §2.4) are not implemented: ``agentsd`` uses
   pooled queries (spatial-bin centroids).
 """
@@ -42,6 +51,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
+from visionfx.methods.slab import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
 from visionfx.registry import MethodSpec
 
 __all__ = ["AgentConfig", "AgentSDConfig", "AgentAttention", "agent_grid", "resize_linear", "resize_bilinear"]
@@ -146,6 +156,52 @@ def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def _bin_matrix(size: int, parts: int, device, dtype) -> torch.Tensor:
+    """``[parts, size]``: ``1/|bin|`` over adaptive-pooling bin ``i = [floor(i·size/parts), ceil((i+1)·size/parts))``."""
+    i = torch.arange(parts, device=device)
+    start = (i * size) // parts
+    end = ((i + 1) * size + parts - 1) // parts
+    x = torch.arange(size, device=device)
+    inside = (x[None, :] >= start[:, None]) & (x[None, :] < end[:, None])
+    return inside.to(torch.float64) / (end - start).to(torch.float64)[:, None]
+
+
+def pooling_matrix(grid: tuple[int, int], agent_hw: tuple[int, int], device, dtype) -> torch.Tensor:
+    """``[ph·pw, H·W]``: adaptive average pooling of a row-major ``H×W`` grid to ``ph×pw`` as a matrix."""
+    (H, W), (ph, pw) = grid, agent_hw
+    rows, cols = _bin_matrix(H, ph, device, dtype), _bin_matrix(W, pw, device, dtype)
+    return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(ph * pw, H * W).to(dtype)
+
+
+def _lerp_matrix(src: int, dst: int, device) -> torch.Tensor:
+    """``[dst, src]`` (float64): linear resampling from ``src`` to ``dst`` samples, ``align_corners=False``."""
+    pos = ((torch.arange(dst, device=device, dtype=torch.float64) + 0.5) * (src / dst) - 0.5).clamp(min=0.0)
+    i0 = pos.floor().long().clamp(max=src - 1)
+    i1 = (i0 + 1).clamp(max=src - 1)
+    lam = pos - i0.to(torch.float64)
+    x = torch.arange(src, device=device)
+    return (1.0 - lam)[:, None] * (x[None, :] == i0[:, None]) + lam[:, None] * (x[None, :] == i1[:, None])
+
+
+def bias_basis(grid: tuple[int, int], grid0: tuple[int, int], base: int, num_prefix_tokens: int, device,
+               dtype) -> torch.Tensor:
+    """``T [b² + H0 + W0 + P0, P0 + H·W]``: the position bias of the tokens is ``[base map | row factors | column
+    factors | prefix entries] @ T`` (bilinear resize of the ``b×b`` map, linear resize of the row and column
+    factors, one entry per prefix token)."""
+    (H, W), (H0, W0), P0 = grid, grid0, num_prefix_tokens
+    ry, rx = _lerp_matrix(base, H, device), _lerp_matrix(base, W, device)
+    ly, lx = _lerp_matrix(H0, H, device), _lerp_matrix(W0, W, device)
+    f64 = dict(device=device, dtype=torch.float64)
+    patch = torch.cat((
+        (ry.T[:, None, :, None] * rx.T[None, :, None, :]).reshape(base * base, H * W),
+        ly.T[:, :, None].expand(H0, H, W).reshape(H0, H * W),
+        lx.T[:, None, :].expand(W0, H, W).reshape(W0, H * W),
+        torch.zeros(P0, H * W, **f64),
+    ))
+    prefix = torch.cat((torch.zeros(base * base + H0 + W0, P0, **f64), torch.eye(P0, **f64)))
+    return torch.cat((prefix, patch), dim=1).to(dtype)
+
+
 class AgentAttention(TokenMixer):
     """Agent attention on the host's q, k, v (see the module docstring); ``agent`` and ``agentsd``."""
 
@@ -195,29 +251,30 @@ class AgentAttention(TokenMixer):
         ``dtype``; ``(None, None)`` without biases."""
         if not self.config.use_bias:
             return None, None
-        H, W = grid
-        h, n = self.an_bias.shape[:2]
-        an = resize_bilinear(self.an_bias.to(dtype), (H, W))  # [h, n, H, W]
-        ah = resize_linear(self.ah_bias.to(dtype), H)  # [h, n, H]
-        aw = resize_linear(self.aw_bias.to(dtype), W)  # [h, n, W]
-        b1 = (an + ah[..., :, None] + aw[..., None, :]).reshape(h, n, H * W)
-        na = resize_bilinear(self.na_bias.to(dtype), (H, W))
-        ha = resize_linear(self.ha_bias.to(dtype).transpose(1, 2), H)  # [h, n, H]
-        wa = resize_linear(self.wa_bias.to(dtype).transpose(1, 2), W)  # [h, n, W]
-        b2 = (na + ha[..., :, None] + wa[..., None, :]).reshape(h, n, H * W).transpose(1, 2)
-        if self.num_prefix_tokens > 0:
-            b1 = torch.cat((self.ac_bias.to(dtype), b1), dim=2)
-            b2 = torch.cat((self.ca_bias.to(dtype), b2), dim=1)
+        h, n, b = self.an_bias.shape[:3]
+        P0, dev = self.num_prefix_tokens, self.an_bias.device
+        grid = (int(grid[0]), int(grid[1]))
+        basis = grid_constant(("agent_bias", grid, self.grid0, b, P0, dev, dtype),
+                              lambda: bias_basis(grid, self.grid0, b, P0, dev, dtype))  # [K, N]
+        prefix1 = (self.ac_bias,) if P0 else ()
+        prefix2 = (self.ca_bias.transpose(1, 2),) if P0 else ()
+        p1 = torch.cat((self.an_bias.flatten(2), self.ah_bias, self.aw_bias, *prefix1), dim=2)  # [h, n, K]
+        p2 = torch.cat((self.na_bias.flatten(2), self.ha_bias.transpose(1, 2), self.wa_bias.transpose(1, 2),
+                        *prefix2), dim=2)
+        with torch.autocast(dev.type, enabled=False):  # the biases stay in ``dtype`` (fp32) under autocast
+            b1 = p1.to(dtype) @ basis  # [h, n, N]
+            b2 = basis.T @ p2.to(dtype).transpose(1, 2)  # [h, N, n], contiguous as the kernel reads it
         return b1, b2
 
     def agents(self, q: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Adaptive average pooling of the patch queries ``q[:, :, P0:]`` on the grid: ``[B, h, N, d]`` ->
         ``[B, h, n, d]``."""
         B, h, _, d = q.shape
-        P0, (H, W) = layout.num_prefix_tokens, layout.grid
-        qp = q[:, :, P0:].reshape(B * h, H, W, d).permute(0, 3, 1, 2)
-        a = F.adaptive_avg_pool2d(qp, self.agent_hw)  # [B*h, d, ph, pw]
-        return a.flatten(2).transpose(1, 2).reshape(B, h, -1, d)
+        P0, (H, W) = layout.num_prefix_tokens, (int(layout.grid[0]), int(layout.grid[1]))
+        pool = grid_constant(("agent_pool", (H, W), self.agent_hw, q.device, q.dtype),
+                             lambda: pooling_matrix((H, W), self.agent_hw, q.device, q.dtype))  # [n, H·W]
+        qp = q[:, :, P0:].transpose(1, 2).reshape(B, H * W, h * d)  # a view of the token layout
+        return (pool @ qp).view(B, -1, h, d).transpose(1, 2)  # [B, h, n, d]
 
     def forward(self, q, k, v, x, layout: TokenLayout):
         B, h, N, d = q.shape
@@ -233,12 +290,16 @@ class AgentAttention(TokenMixer):
             q, k, v, self.agents(q, layout), bias1, bias2,
             scale1=self.scale, scale2=self.scale2, dropout_p=self.attn_drop, training=self.training,
         )
+        # the Triton op keeps its output for the backward: add in place only where autograd does not track it
+        inplace = not o.requires_grad
         if self.dwc is not None:
-            vp = v[:, :, P0:].transpose(-1, -2).reshape(B, h * d, H, W)  # channel g·d + e
-            local = self.dwc(vp.to(self.dwc.weight.dtype)).reshape(B, h, d, H * W).transpose(-1, -2)
-            o = torch.cat((o[:, :, :P0], o[:, :, P0:] + local.to(o.dtype)), dim=2)
-        if self.config.v_shortcut != 0:
-            o = o + self.config.v_shortcut * v.to(o.dtype)
+            w = self.dwc.weight
+            local = depthwise_conv_patch_rows(v.to(w.dtype), w, self.dwc.bias, (H, W), P0).to(o.dtype)
+            o = add_to_patch_rows(o, local, P0, inplace=inplace)
+            inplace = True  # o is now this layer's own sum
+        lam = self.config.v_shortcut
+        if lam != 0:
+            o = o.add_(v.to(o.dtype), alpha=lam) if inplace else torch.add(o, v.to(o.dtype), alpha=lam)
         return o
 
     def extra_repr(self) -> str:

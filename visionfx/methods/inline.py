@@ -22,6 +22,12 @@ Decisions where the paper and official code are silent (METHODS.md §12, items 7
   ≈ 11) and the op then runs on fp32 q, k, v, its output cast back to the input dtype.
 * The local convolution is one grouped ``conv2d`` with ``groups = B·C`` (the batch folded into channels), as the
   official code does; the grid comes from the model, never from ``int(sqrt(N))``.
+
+Memory traffic: the convolution runs channels-last on ``[1, H, W, B·C]`` memory (one copy of V's patch rows with
+contiguous channel runs, no NCHW transposes; :func:`~visionfx.methods.slab.depthwise_conv_patch_rows`) and is added
+in place to the patch rows of the op's output (the op keeps only its inputs for the backward), whose token layout
+lets the heads merge without a copy. The predictor's grouped 1×1 convolutions run as batched matrix products on the
+same parameters (one launch each instead of a convolution with layout conversions).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig, suggest
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
+from visionfx.methods.slab import add_to_patch_rows, depthwise_conv_patch_rows
 from visionfx.registry import MethodSpec
 
 __all__ = ["InlineConfig", "InlineAttention", "INLINE_KERNELS"]
@@ -112,20 +119,15 @@ class InlineAttention(TokenMixer):
         """
         w = self.pred_fc1.weight
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        m = x.mean(dim=1, dtype=acc).to(w.dtype).unsqueeze(-1)  # [B, C_in, 1]
-        kappa = self.pred_fc2(F.gelu(self.pred_fc1(m)))  # [B, k²C, 1]
+        m = x.mean(dim=1, dtype=acc).to(w.dtype)  # [B, C_in]
+        kappa = _grouped_pointwise(F.gelu(_grouped_pointwise(m, self.pred_fc1)), self.pred_fc2)  # [B, k²C]
         ks = self.config.local_kernel
         return kappa.reshape(x.shape[0], -1, ks, ks)
 
     def local_term(self, v: torch.Tensor, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """The dynamic convolution of the patch rows of V: ``v [B, h, N, d]`` -> ``[B, h, H·W, d]``."""
-        B, h, N, d = v.shape
-        P0, (H, W) = layout.num_prefix_tokens, layout.grid
-        ks = self.config.local_kernel
-        kern = self.predict_kernels(x).reshape(B * h * d, 1, ks, ks).to(v.dtype)
-        vp = v[:, :, P0:].transpose(-1, -2).reshape(1, B * h * d, H, W)
-        r = F.conv2d(vp, kern, padding=ks // 2, groups=B * h * d)
-        return r.reshape(B, h, d, H * W).transpose(-1, -2)
+        kern = self.predict_kernels(x).to(v.dtype)  # [B, C, k, k]
+        return depthwise_conv_patch_rows(v, kern, None, layout.grid, layout.num_prefix_tokens)
 
     def forward(self, q, k, v, x, layout: TokenLayout):
         """``q, k, v [B, h, N, d]``, ``x [B, N, C_in]`` -> ``[B, h, N, d]``."""
@@ -141,11 +143,22 @@ class InlineAttention(TokenMixer):
         if not self.use_local:
             return g
         r = self.local_term(v, x, layout).to(out_dtype)
-        return torch.cat((g[:, :, :P0], g[:, :, P0:] + r), dim=2)
+        return add_to_patch_rows(g, r, P0, inplace=True)
 
     def extra_repr(self) -> str:
         c = self.config
         return f"{super().extra_repr()}, kernel={c.kernel}, local_kernel={c.local_kernel if self.use_local else None}"
+
+
+def _grouped_pointwise(m: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """``conv`` (a grouped ``Conv1d`` with kernel size 1) on one position: ``m [B, C_in]`` -> ``[B, C_out]``, as a
+    batched product over the groups."""
+    g = conv.groups
+    B, c_in = m.shape
+    c_out = conv.out_channels
+    w = conv.weight.view(g, c_out // g, c_in // g).transpose(1, 2)  # [g, C_in/g, C_out/g]
+    out = torch.baddbmm(conv.bias.view(g, 1, c_out // g), m.view(B, g, c_in // g).transpose(0, 1), w)
+    return out.transpose(0, 1).reshape(B, c_out)
 
 
 METHOD = MethodSpec(

@@ -21,10 +21,16 @@ Decisions where the paper and official code are silent (METHODS.md §12, items 9
   **attention input** (in ``pre_qkv``). In RAVLT the CPE sits in the block and updates the residual stream before
   ``norm1``; a patched attention site cannot reach the residual stream, so here it only changes what q, k, v and the
   gate see.
-* RoPE tables are built on every call for the current grid (``layout.grid``) in fp32 (float64 for float64 inputs);
-  they hold ``N·d/2`` entries, negligible against the op. RoPE needs ``d % 4 == 0`` (checked at construction);
+* RoPE tables are built for the current grid (``layout.grid``) in fp32 (float64 for float64 inputs) on the inputs'
+  device (no host-to-device copy, so CUDA graphs can capture the layer) and cached per grid in eager mode
+  (:func:`~visionfx.methods.slab.grid_constant`). RoPE needs ``d % 4 == 0`` (checked at construction);
   ``rope=False`` lifts that requirement.
-* α and the features it uses are computed in fp32 (float64 stays float64).
+* α and the features it uses are computed in fp32 (float64 stays float64); the logits are one matrix-vector
+  product, ``s·(ELU(k)·q̄ + Σ q̄)`` with ``q̄ = mean ELU(q) + 1``.
+
+Memory traffic: LePE (and CPE) run channels-last on the token layout
+(:func:`~visionfx.methods.slab.depthwise_conv_patch_rows`); LePE is added in place to the patch rows of the op's
+output (the op keeps only its inputs), CPE as a zero-prefix term added once, never by concatenation.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
+from visionfx.methods.slab import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
 from visionfx.registry import MethodSpec
 
 __all__ = ["RalaConfig", "RalaAttention", "rala_key_weights", "rope_tables"]
@@ -84,10 +91,10 @@ def rala_key_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
         ``[B, H, N]`` in fp32 (float64 for float64 inputs); each row sums to 1.
     """
     acc = _acc_dtype(q.dtype)
-    qf = F.elu(q.to(acc)) + 1.0
-    kf = F.elu(k.to(acc)) + 1.0
-    q_mean = qf.mean(dim=-2, keepdim=True)  # [B, H, 1, D]
-    return (scale * (kf * q_mean).sum(dim=-1)).softmax(dim=-1)
+    q_mean = F.elu(q.to(acc)).mean(dim=-2, keepdim=True) + 1.0  # [B, H, 1, D]
+    # φ(k)·q̄ = ELU(k)·q̄ + Σ q̄: a matrix-vector product, no [B, H, N, D] temporaries beyond ELU(k)
+    logits = (F.elu(k.to(acc)) @ q_mean.transpose(-1, -2)).squeeze(-1) + q_mean.sum(dim=-1)
+    return (scale * logits).softmax(dim=-1)
 
 
 def rope_tables(
@@ -111,7 +118,7 @@ def rope_tables(
     H, W = grid
     M = head_dim // 4
     exps = torch.linspace(0.0, 1.0, M, device=device, dtype=dtype)
-    freqs = torch.pow(torch.tensor(float(theta), device=device, dtype=dtype), -exps)  # [M]
+    freqs = torch.pow(float(theta), -exps)  # [M]; a Python base: no host-to-device copy
     rows = torch.arange(H, device=device, dtype=dtype).repeat_interleave(W) + origin[0]
     cols = torch.arange(W, device=device, dtype=dtype).repeat(H) + origin[1]
     angles = torch.cat((rows[:, None] * freqs, cols[:, None] * freqs), dim=-1)  # [H·W, d/2]
@@ -161,10 +168,11 @@ class RalaAttention(TokenMixer):
         if self.cpe is None:
             return x
         B, N, C = x.shape
-        P0, (H, W) = layout.num_prefix_tokens, layout.grid
-        xp = x[:, P0:].transpose(1, 2).reshape(B, C, H, W)
-        xp = xp + self.cpe(xp.to(self.cpe.weight.dtype)).to(x.dtype)
-        return torch.cat((x[:, :P0], xp.flatten(2).transpose(1, 2)), dim=1)
+        P0 = layout.num_prefix_tokens
+        w = self.cpe.weight
+        local = depthwise_conv_patch_rows(x.view(B, N, 1, C).transpose(1, 2).to(w.dtype), w, self.cpe.bias,
+                                          layout.grid, P0).to(x.dtype)  # [B, 1, H·W, C]
+        return add_to_patch_rows(x.view(B, N, 1, C).transpose(1, 2), local, P0, inplace=False).transpose(1, 2).view(B, N, C)
 
     def forward(self, q, k, v, x, layout: TokenLayout):
         """``q, k, v [B, h, N, d]``, ``x [B, N, C_in]`` -> ``[B, h, N, d]`` (before the gate)."""
@@ -173,15 +181,15 @@ class RalaAttention(TokenMixer):
         alpha = rala_key_weights(q, k, self.scale)
         rope = None
         if self.config.rope:
-            rope = rope_tables(
-                (H, W), P0, d, self.config.rope_theta, device=q.device, dtype=_acc_dtype(q.dtype)
-            )
+            acc, theta = _acc_dtype(q.dtype), self.config.rope_theta
+            rope = grid_constant(("rala_rope", H, W, P0, d, theta, q.device, acc),
+                                 lambda: rope_tables((H, W), P0, d, theta, device=q.device, dtype=acc))
         o = self.kernel(q)(
             q, k, v, feature="elu1", normalizer="divisive", key_weights=alpha, rope=rope, eps=self.config.eps
         )
-        vp = v[:, :, P0:].transpose(-1, -2).reshape(B, h * d, H, W)
-        local = self.lepe(vp.to(self.lepe.weight.dtype)).reshape(B, h, d, H * W).transpose(-1, -2).to(o.dtype)
-        return torch.cat((o[:, :, :P0], o[:, :, P0:] + local), dim=2)
+        w = self.lepe.weight
+        local = depthwise_conv_patch_rows(v.to(w.dtype), w, self.lepe.bias, (H, W), P0).to(o.dtype)
+        return add_to_patch_rows(o, local, P0, inplace=True)
 
     def post_norm(self, o: torch.Tensor, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """The output gate ``o ⊙ (x W_oᵀ + b_o)``: ``o [B, N, C]``, ``x [B, N, C_in]``."""

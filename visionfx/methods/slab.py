@@ -10,6 +10,13 @@ dtype (an fp32 PE under autocast keeps ``k'`` in fp32, as officially); q and v j
 accumulates in fp32. The DWC runs as any convolution (under autocast in half precision, as officially). The output
 is cast back to the input dtype once, at the end.
 
+Memory traffic: the position term is padded with zero rows for the prefix tokens and added to all of k in one op (no
+concatenation); the DWC runs channels-last on the patch rows of V (``[B, H, W, h·d]``, the token layout) with the
+head-shared kernel repeated per head (``groups = h·d``), and its result is added in place to the patch rows of the
+op's output, which the op does not keep for its backward. The Triton op writes its output in the token layout, so
+the heads merge without a copy. :func:`depthwise_conv_patch_rows`, :func:`add_to_patch_rows` and
+:func:`grid_constant` serve the other mixers too.
+
 ``norm="prepbn"`` also replaces the model's LayerNorms by PRepBN (METHODS.md §6, :mod:`visionfx.methods.prepbn`):
 the config then carries the schedule length ``prepbn_steps`` (required: about 0.8 x the planned training iterations)
 and ``companions()`` returns the matching :class:`~visionfx.methods.prepbn.PRepBNConfig`. PRepBN replaces every
@@ -29,7 +36,8 @@ from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
 from visionfx.methods.prepbn import PRepBNConfig, missing_steps_message
 from visionfx.registry import MethodSpec
 
-__all__ = ["SlabConfig", "SlabAttention", "resample_grid_param"]
+__all__ = ["SlabConfig", "SlabAttention", "resample_grid_param", "depthwise_conv_patch_rows", "add_to_patch_rows",
+           "grid_constant"]
 
 
 NORMS = (None, "prepbn")
@@ -101,6 +109,74 @@ def resample_grid_param(p: torch.Tensor, src: tuple[int, int], dst: tuple[int, i
     return grid.permute(0, 2, 3, 1).reshape(1, dst[0] * dst[1], C).to(p.dtype)
 
 
+_GRID_CONSTANTS: dict = {}
+_GRID_CONSTANTS_MAX = 64
+
+
+def grid_constant(key: tuple, build):
+    """``build()``, cached under ``key`` in eager mode: tensors that depend only on the token grid (tables, pooling or
+    interpolation matrices), never on parameters. ``key`` must name everything ``build`` depends on, device and dtype
+    included. Under ``torch.compile`` the tensor is built in the graph instead (no side effects to trace). Built
+    outside inference mode, so that autograd may save it; on CUDA, run one eager forward before capturing a graph."""
+    if torch.compiler.is_compiling():
+        return build()
+    t = _GRID_CONSTANTS.get(key)
+    if t is None:
+        if len(_GRID_CONSTANTS) >= _GRID_CONSTANTS_MAX:
+            _GRID_CONSTANTS.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            t = _GRID_CONSTANTS[key] = build()
+    return t
+
+
+def depthwise_conv_patch_rows(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+    """Depthwise ``k×k`` convolution (zero padding ``k // 2``) of the patch rows of ``v`` over the grid, channels-last.
+
+    Args:
+        v: ``[B, h, N, d]``, any strides (e.g. a view of a packed qkv); channel ``g·d + e`` is head ``g``, column ``e``.
+        weight: ``[h·d, 1, k, k]`` (shared by the batch) or ``[B, h·d, k, k]`` (one kernel per sample and channel).
+        bias: ``[h·d]`` or ``None``.
+        grid: ``(H, W)`` with ``H·W = N − num_prefix_tokens``.
+    Returns:
+        ``[B, h, H·W, d]`` in the dtype of ``v``, a view of token-layout memory (``[B, H·W, h, d]``, or
+        ``[H·W, B, h, d]`` for per-sample kernels), so that adding it to a token-layout output reads it coalesced.
+
+    The input is read once into a dense channels-last copy (the only copy): ``[B, H, W, h·d]`` for shared kernels;
+    per-sample kernels fold the batch into the channels (``groups = B·h·d``) over ``[1, H, W, B·h·d]`` memory, a
+    copy with contiguous channel runs instead of an NCHW transpose.
+    """
+    B, h, N, d = v.shape
+    P0, (H, W) = num_prefix_tokens, grid
+    C, ks = h * d, weight.shape[-1]
+    tok = v[:, :, P0:].transpose(1, 2).reshape(B, H * W, C)  # a view for every qkv layout we meet
+    if weight.dim() == 4 and weight.shape[1] == 1 and weight.shape[0] == C:
+        x = tok.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(x, weight, bias, padding=ks // 2, groups=C)  # [B, C, H, W]
+        return y.permute(0, 2, 3, 1).reshape(B, H * W, h, d).transpose(1, 2)
+    kern = weight.reshape(B * C, 1, ks, ks)
+    x = tok.transpose(0, 1).contiguous().view(1, H, W, B * C).permute(0, 3, 1, 2)  # [1, B·C, H, W] channels-last
+    y = F.conv2d(x, kern, None if bias is None else bias.repeat(B), padding=ks // 2, groups=B * C)
+    return y.permute(0, 2, 3, 1).reshape(H * W, B, h, d).permute(1, 2, 0, 3)
+
+
+def add_to_patch_rows(o: torch.Tensor, local: torch.Tensor, num_prefix_tokens: int, inplace: bool) -> torch.Tensor:
+    """``o`` with ``local`` added to its patch rows: ``o [B, h, N, d]``, ``local [B, h, N − P0, d]``; prefix rows
+    unchanged; the result has the dtype of ``o`` (the sum is computed in the promoted dtype and rounded once).
+
+    ``inplace=True`` adds into ``o`` (one pass; only where autograd does not keep ``o``, e.g. the output of an op
+    that saves its inputs only). Otherwise ``local`` is padded with zero prefix rows in the token layout and added
+    once, so the result keeps ``o``'s layout without concatenating full-size tensors.
+    """
+    P0 = num_prefix_tokens
+    if inplace:
+        o[:, :, P0:].add_(local)  # not ``+=`` on a slice, which writes the slice back with a copy
+        return o
+    B, h, N, d = o.shape
+    pad = F.pad(local.transpose(1, 2).reshape(B, N - P0, h * d), (0, 0, P0, 0)).view(B, N, h, d).transpose(1, 2)
+    return torch.add(o, pad).to(o.dtype)
+
+
 class SlabAttention(TokenMixer):
     """SLA: ``o_i = ReLU(q_i) Σ_j ReLU(k'_j)ᵀ v_j / (ReLU(q_i)·Σ_j ReLU(k'_j) + eps)`` with ``k'_j = k_j + PE_j``,
     plus a depthwise ``dwc_kernel``² convolution shared by all heads on each head's V over the patch grid."""
@@ -126,16 +202,18 @@ class SlabAttention(TokenMixer):
         B, h, N, d = q.shape
         P0, (H, W) = layout.num_prefix_tokens, layout.grid
         out_dtype = q.dtype
+        v_in = v
         if self.pe is not None:
             pe = resample_grid_param(self.pe, self.grid0, (H, W), self.config.pe_resample)
-            kp = k[:, :, P0:] + pe.reshape(1, H * W, h, d).transpose(1, 2)
-            k = torch.cat((k[:, :, :P0].to(kp.dtype), kp), dim=2)
+            pe = F.pad(pe, (0, 0, P0, 0))  # no position term on prefix keys: k + 0, in k's promoted dtype
+            k = k + pe.view(1, N, h, d).transpose(1, 2)
             q, v = q.to(k.dtype), v.to(k.dtype)
         with torch.autocast(q.device.type, enabled=False):  # §5.5: fp32 even under autocast
             o = self.kernel(q)(q, k, v, feature="relu", normalizer="divisive", eps=self.config.eps)
-        vp = v[:, :, P0:].reshape(B * h, H, W, d).permute(0, 3, 1, 2)
-        local = self.dwc(vp.to(self.dwc.weight.dtype)).permute(0, 2, 3, 1).reshape(B, h, H * W, d)
-        return torch.cat((o[:, :, :P0], (o[:, :, P0:] + local).to(o.dtype)), dim=2).to(out_dtype)
+        w = self.dwc.weight
+        # v in the weights' dtype directly: the detour through k's dtype (a superset of v's) changes no value
+        local = depthwise_conv_patch_rows(v_in.to(w.dtype), w.repeat(h, 1, 1, 1), self.dwc.bias.repeat(h), (H, W), P0)
+        return add_to_patch_rows(o, local, P0, inplace=True).to(out_dtype)
 
 
 METHOD = MethodSpec(
