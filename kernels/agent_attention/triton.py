@@ -15,6 +15,8 @@ over the batch, so no two programs of the same batch element contend for an addr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -282,11 +284,20 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _num_splits(bh: int, n: int, block: int, device) -> int:
     """Split the aggregation over N when B·h programs would leave the GPU idle."""
     if device.type != "cuda":
         return 1 if n <= 4 * block else 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     want = max(1, (2 * sms) // max(bh, 1))
     return int(max(1, min(want, triton.cdiv(n, 4 * block), 32)))
 
@@ -339,7 +350,7 @@ def _forward(q, k, v, agents, bias1, bias2, scale1, scale2):
 
 def _batch_splits(blocks: int, heads: int, batch: int, device) -> int:
     """Split the batch loop of the bias-gradient kernels so that enough programs run."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    sms = _sm_count(device) if device.type == "cuda" else 2
     return int(max(1, min(batch, triton.cdiv(2 * sms, max(blocks * heads, 1)))))
 
 
@@ -461,6 +472,23 @@ def _backward_rule(ctx, do, _dva, _dlse1, _dlse2):
 _agent_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
+class _EagerAgentAttention(torch.autograd.Function):
+    """The same forward and backward without the custom-op dispatcher, whose per-call CPU cost exceeds the kernels'
+    GPU time at small shapes; ``torch.compile`` traces the custom op instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, agents, bias1, bias2, scale1, scale2):
+        o, va, lse1, lse2 = _forward(q, k, v, agents, bias1, bias2, scale1, scale2)
+        _setup_context(ctx, (q, k, v, agents, bias1, bias2, scale1, scale2), (o, va, lse1, lse2))
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, agents, bias1, bias2, o, va, lse1, lse2 = ctx.saved_tensors
+        dq, dk, dv, da, db1, db2 = _backward(do, q, k, v, agents, bias1, bias2, *ctx.scales, o, va, lse1, lse2)
+        return dq, dk, dv, da, db1, db2, None, None
+
+
 def agent_attention_triton(q, k, v, agents, bias1=None, bias2=None, *, scale1, scale2, dropout_p=0.0, training=False):
     """Fused agent attention; see the reference for the math. ``q, k, v [B,h,N,d]``, ``agents [B,h,n,d]``,
     ``bias1 [h,n,N]``, ``bias2 [h,N,n]`` (fp32 tables, broadcast over the batch). Dropout is not supported here
@@ -470,4 +498,6 @@ def agent_attention_triton(q, k, v, agents, bias1=None, bias2=None, *, scale1, s
     b1 = bias1.float().contiguous() if bias1 is not None else None
     b2 = bias2.float().contiguous() if bias2 is not None else None
     agents = agents.to(q.dtype)
-    return _agent_fwd_op(q, k, v, agents, b1, b2, float(scale1), float(scale2))[0]
+    if torch.compiler.is_compiling():
+        return _agent_fwd_op(q, k, v, agents, b1, b2, float(scale1), float(scale2))[0]
+    return _EagerAgentAttention.apply(q, k, v, agents, b1, b2, float(scale1), float(scale2))
