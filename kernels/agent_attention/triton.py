@@ -303,10 +303,11 @@ def _num_splits(bh: int, n: int, block: int, device) -> int:
 
 
 def _new_output(q):
-    """``[B, H, N, D]`` as a view of ``[B, N, H, D]`` memory: the token layout, so that callers merge the heads of the
-    output (``o.transpose(1, 2).reshape(B, N, H * D)``) without a copy."""
+    """The output in token layout, ``[B, N, H, D]``: the kernels write its ``[B, H, N, D]`` view, and callers get that
+    view back (made outside any autograd Function, so that in-place updates of it stay legal), whose heads merge
+    without a copy (``o.transpose(1, 2).reshape(B, N, H * D)``)."""
     B, H, N, D = q.shape
-    return q.new_empty((B, N, H, D)).transpose(1, 2)
+    return q.new_empty((B, N, H, D))
 
 
 def _forward(q, k, v, agents, bias1, bias2, scale1, scale2):
@@ -336,7 +337,8 @@ def _forward(q, k, v, agents, bias1, bias2, scale1, scale2):
     va = torch.empty(bh, BA, BD, device=dev, dtype=torch.float32)
     lse1 = torch.zeros(bh, BA, device=dev, dtype=torch.float32)
     _agg_combine[(bh,)](m_part, l_part, acc_part, va, lse1, splits, n, BA=BA, BD=BD, num_warps=4)
-    o = _new_output(q)
+    o_tok = _new_output(q)
+    o = o_tok.transpose(1, 2)
     lse2 = torch.empty(bh, N, device=dev, dtype=torch.float32)
     _bcast_fwd[(triton.cdiv(N, BM), bh)](
         q, agents, va, b2, o, lse2,
@@ -345,7 +347,7 @@ def _forward(q, k, v, agents, bias1, bias2, scale1, scale2):
         b2.stride(0) if bias2 is not None else 0, b2.stride(1) if bias2 is not None else 0,
         HAS_B2=bias2 is not None, D=D, BA=BA, BD=BD, BM=BM, PREC=prec, num_warps=4,
     )
-    return o, va, lse1, lse2
+    return o_tok, va, lse1, lse2
 
 
 def _batch_splits(blocks: int, heads: int, batch: int, device) -> int:
@@ -464,8 +466,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_rule(ctx, do, _dva, _dlse1, _dlse2):
-    q, k, v, agents, bias1, bias2, o, va, lse1, lse2 = ctx.saved_tensors
-    dq, dk, dv, da, db1, db2 = _agent_bwd_op(do, q, k, v, agents, bias1, bias2, *ctx.scales, o, va, lse1, lse2)
+    q, k, v, agents, bias1, bias2, o, va, lse1, lse2 = ctx.saved_tensors  # o, do: token layout [B, N, H, D]
+    dq, dk, dv, da, db1, db2 = _agent_bwd_op(do.transpose(1, 2), q, k, v, agents, bias1, bias2, *ctx.scales,
+                                             o.transpose(1, 2), va, lse1, lse2)
     return dq, dk, dv, da, db1 if ctx.has_bias[0] else None, db2 if ctx.has_bias[1] else None, None, None
 
 
@@ -484,8 +487,9 @@ class _EagerAgentAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, agents, bias1, bias2, o, va, lse1, lse2 = ctx.saved_tensors
-        dq, dk, dv, da, db1, db2 = _backward(do, q, k, v, agents, bias1, bias2, *ctx.scales, o, va, lse1, lse2)
+        q, k, v, agents, bias1, bias2, o, va, lse1, lse2 = ctx.saved_tensors  # o, do: token layout [B, N, H, D]
+        dq, dk, dv, da, db1, db2 = _backward(do.transpose(1, 2), q, k, v, agents, bias1, bias2, *ctx.scales,
+                                             o.transpose(1, 2), va, lse1, lse2)
         return dq, dk, dv, da, db1, db2, None, None
 
 
@@ -499,5 +503,5 @@ def agent_attention_triton(q, k, v, agents, bias1=None, bias2=None, *, scale1, s
     b2 = bias2.float().contiguous() if bias2 is not None else None
     agents = agents.to(q.dtype)
     if torch.compiler.is_compiling():
-        return _agent_fwd_op(q, k, v, agents, b1, b2, float(scale1), float(scale2))[0]
-    return _EagerAgentAttention.apply(q, k, v, agents, b1, b2, float(scale1), float(scale2))
+        return _agent_fwd_op(q, k, v, agents, b1, b2, float(scale1), float(scale2))[0].transpose(1, 2)
+    return _EagerAgentAttention.apply(q, k, v, agents, b1, b2, float(scale1), float(scale2)).transpose(1, 2)

@@ -135,10 +135,11 @@ def _flags(q, feature, normalizer, key_weights, cos):
 
 
 def _new_output(q):
-    """``[B, H, N, D]`` as a view of ``[B, N, H, D]`` memory: the token layout, so that callers merge the heads of the
-    output (``o.transpose(1, 2).reshape(B, N, H * D)``) without a copy."""
+    """The output in token layout, ``[B, N, H, D]``: the kernels write its ``[B, H, N, D]`` view, and callers get that
+    view back (made outside any autograd Function, so that in-place updates of it stay legal), whose heads merge
+    without a copy (``o.transpose(1, 2).reshape(B, N, H * D)``)."""
     B, H, N, D = q.shape
-    return q.new_empty((B, N, H, D)).transpose(1, 2)
+    return q.new_empty((B, N, H, D))
 
 
 def _zeros_pair(bh: int, bd: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,12 +152,13 @@ def _forward(q, k, v, key_weights, cos, sin, feature, normalizer, scale, eps, sa
     B, H, N, D = q.shape
     flags = _flags(q, feature, normalizer, key_weights, cos)
     BD = flags["BLOCK_D"]
-    o = _new_output(q)
+    o_tok = _new_output(q)
+    o = o_tok.transpose(1, 2)
     chunk, splits = _plan(B * H, N, q.device)
     f32 = dict(dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         shapes = _state_shapes(q) if save_state else ((0,), (0,))
-        return o, torch.zeros(shapes[0], **f32), torch.zeros(shapes[1], **f32)
+        return o_tok, torch.zeros(shapes[0], **f32), torch.zeros(shapes[1], **f32)
     if splits > 1:
         state, vec = _zeros_pair(B * H, BD, q.device)
     elif save_state:
@@ -175,7 +177,7 @@ def _forward(q, k, v, key_weights, cos, sin, feature, normalizer, scale, eps, sa
         _launch("fwd_kernel", (B * H, splits), args, dict(flags, PHASE=2, SAVE_STATE=True))
     if splits > 1 and not save_state:
         state, vec = torch.empty((0,), **f32), torch.empty((0,), **f32)
-    return o, state, vec
+    return o_tok, state, vec
 
 
 def _backward(do, q, k, v, key_weights, cos, sin, state, vec, feature, normalizer, scale, eps):
@@ -256,7 +258,8 @@ def _grads(ctx, do, backward):
     q, k, v, key_weights, cos, sin, state, vec = ctx.saved_tensors
     if not ctx.saved_state:
         raise RuntimeError("linear_attention_triton: the forward ran without saving its state for the backward")
-    dq, dk, dv, dw = backward(do.to(q.dtype), q, k, v, key_weights, cos, sin, state, vec, *ctx.options)
+    # do is the gradient of the token-layout output [B, N, H, D]
+    dq, dk, dv, dw = backward(do.to(q.dtype).transpose(1, 2), q, k, v, key_weights, cos, sin, state, vec, *ctx.options)
     dw = None if ctx.kw_dtype is None else dw.to(ctx.kw_dtype)
     return dq, dk, dv, dw, None, None, None, None, None, None, None
 
@@ -347,5 +350,5 @@ def linear_attention_triton(
     save_state = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     args = (q, k, v, key_weights, cos, sin, feature, normalizer, float(scale), float(eps), save_state)
     if torch.compiler.is_compiling():
-        return _fwd_op(*args)[0]
-    return _EagerLinearAttention.apply(*args)
+        return _fwd_op(*args)[0].transpose(1, 2)
+    return _EagerLinearAttention.apply(*args).transpose(1, 2)
