@@ -25,8 +25,8 @@ Decisions where the paper and official code are silent (METHODS.md §12, items 9
   device (no host-to-device copy, so CUDA graphs can capture the layer) and cached per grid in eager mode
   (:func:`~visionfx.methods.slab.grid_constant`). RoPE needs ``d % 4 == 0`` (checked at construction);
   ``rope=False`` lifts that requirement.
-* α and the features it uses are computed in fp32 (float64 stays float64); the logits are one matrix-vector
-  product, ``s·(ELU(k)·q̄ + Σ q̄)`` with ``q̄ = mean ELU(q) + 1``.
+* α and the features it uses are computed in fp32 (float64 stays float64); the logits ``s·(ELU(k)·q̄ + Σ q̄)``,
+  ``q̄ = mean ELU(q) + 1``, are one batched product of ELU(k) in the token layout with a block-diagonal ``q̄``.
 
 Memory traffic: LePE (and CPE) run channels-last on the token layout
 (:func:`~visionfx.methods.slab.depthwise_conv_patch_rows`); LePE is added in place to the patch rows of the op's
@@ -91,9 +91,13 @@ def rala_key_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
         ``[B, H, N]`` in fp32 (float64 for float64 inputs); each row sums to 1.
     """
     acc = _acc_dtype(q.dtype)
-    q_mean = F.elu(q.to(acc)).mean(dim=-2, keepdim=True) + 1.0  # [B, H, 1, D]
-    # φ(k)·q̄ = ELU(k)·q̄ + Σ q̄: a matrix-vector product, no [B, H, N, D] temporaries beyond ELU(k)
-    logits = (F.elu(k.to(acc)) @ q_mean.transpose(-1, -2)).squeeze(-1) + q_mean.sum(dim=-1)
+    B, H, N, D = k.shape
+    q_mean = F.elu(q.to(acc)).mean(dim=-2) + 1.0  # [B, H, D]
+    # φ(k)·q̄ = ELU(k)·q̄ + Σ q̄. ELU(k) in the token layout [B, N, H·D] (no copy for keys from a packed qkv) times
+    # the block-diagonal [B, H·D, H] holding q̄: one batched product, no further [B, N, H, D] temporaries
+    ek = F.elu(k.transpose(1, 2).to(acc)).reshape(B, N, H * D)
+    blocks = (q_mean[..., None] * torch.eye(H, device=k.device, dtype=acc)[:, None, :]).reshape(B, H * D, H)
+    logits = (ek @ blocks).transpose(1, 2) + q_mean.sum(dim=-1, keepdim=True)  # [B, H, N]
     return (scale * logits).softmax(dim=-1)
 
 
