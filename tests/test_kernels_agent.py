@@ -91,3 +91,29 @@ def test_compile_fullgraph_and_backward():
     do = torch.randn_like(eager)
     for got, want in zip(torch.autograd.grad(compiled, leaves, do), torch.autograd.grad(eager, leaves, do)):
         torch.testing.assert_close(got, want)
+
+
+def test_output_accepts_in_place_updates_without_grad_and_keeps_token_layout():
+    """The op's output is the [B, h, N, d] view of [B, N, h, d] memory; without autograd the mixers add in place."""
+    q, k, v, a, b1, b2 = make(1, 2, 11, 16, 4, True)
+    with torch.no_grad():
+        out = agent_attention_triton(q, k, v, a, b1, b2, scale1=0.25, scale2=0.25)
+        assert out.transpose(1, 2).is_contiguous()
+        out[:, :, 1:].add_(1.0)
+    ref = naive(q, k, v, a, b1, b2, 0.25, 0.25)
+    ref[:, :, 1:] += 1.0
+    assert rel(out, ref) < 1e-5
+
+
+def test_backward_after_a_view_of_the_output_is_updated_out_of_place():
+    """Gradients flow through the token-layout view (the op keeps its output for the backward)."""
+    q, k, v, a, b1, b2 = make(1, 2, 11, 16, 4, False)
+    leaves = [t.requires_grad_() for t in (q, k, v, a)]
+    out = agent_attention_triton(q, k, v, a, scale1=0.25, scale2=0.25)
+    merged = out.transpose(1, 2).reshape(1, 11, 32)
+    do = torch.randn_like(merged)
+    got = torch.autograd.grad(merged, leaves, do)
+    ref = naive(q, k, v, a, None, None, 0.25, 0.25).transpose(1, 2).reshape(1, 11, 32)
+    want = torch.autograd.grad(ref, leaves, do.double())
+    for g, w in zip(got, want):
+        assert rel(g, w) < 1e-5

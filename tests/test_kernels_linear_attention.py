@@ -280,3 +280,19 @@ def test_kernel_bench_smoke(tmp_path, capsys):
         assert row[key] is not None and row[key] > 0, (key, row["notes"])
     assert row["x_floor_fwd"] == pytest.approx(row["triton_fwd_ms"] / row["floor_fwd_ms"])
     assert (tmp_path / "k.json").exists() and "triton fwd" in capsys.readouterr().out
+
+
+def test_output_accepts_in_place_updates_under_autograd():
+    """The mixers add their local terms in place to the op's output ([B, N, H, D] memory): with gradients on, that is
+    legal and leaves the input gradients those of the op (the in-place term is a constant here)."""
+    B, H, N, D = 2, 2, 9, 16
+    q, k, v = (torch.randn(B, H, N, D, device=DEVICE) for _ in range(3))
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    o = linear_attention_triton(q, k, v, feature="relu", normalizer="divisive")
+    assert o.transpose(1, 2).is_contiguous()  # token layout: heads merge without a copy
+    o[:, :, 1:].add_(1.0)
+    do = torch.randn_like(o)
+    got = torch.autograd.grad(o, leaves, do)
+    want = torch.autograd.grad(oracle(q, k, v, feature="relu", normalizer="divisive"), leaves, do.double())
+    for g, w in zip(got, want):
+        assert close(g, w, 2e-5)
