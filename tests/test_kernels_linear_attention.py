@@ -282,6 +282,20 @@ def test_kernel_bench_smoke(tmp_path, capsys):
     assert (tmp_path / "k.json").exists() and "triton fwd" in capsys.readouterr().out
 
 
+def test_kernel_table_shows_graph_columns_when_measured():
+    """CUDA-graph timings (GPU time without launch cost) get their own columns and ratios."""
+    from visionfx.bench_kernels import _ratios, format_kernel_rows
+
+    row = dict(N=197, B=64, config="slab", floor_fwd_ms=0.01, floor_fwd_bwd_ms=0.03, notes=[], sdpa_fwd_ms=0.03,
+               reference_fwd_ms=0.2, triton_fwd_ms=0.06, sdpa_fwd_graph_ms=0.025, triton_fwd_graph_ms=0.02)
+    _ratios(row)
+    assert row["x_floor_fwd_graph"] == pytest.approx(2.0) and row["vs_sdpa_fwd_graph"] == pytest.approx(1.25)
+    table = format_kernel_rows([row])
+    assert "graph: sdpa fwd" in table and "1.25x" in table
+    row.pop("triton_fwd_graph_ms")
+    assert "graph:" not in format_kernel_rows([row])
+
+
 def test_output_accepts_in_place_updates_under_autograd():
     """The mixers add their local terms in place to the op's output ([B, N, H, D] memory): with gradients on, that is
     legal and leaves the input gradients those of the op (the in-place term is a constant here)."""
