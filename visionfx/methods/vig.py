@@ -129,7 +129,8 @@ def _scan_cat(prefix: torch.Tensor, patches: torch.Tensor, index: int, dim: int)
 
 def _segments(num_prefix: int, num_patches: int, index: int) -> list[tuple[int, int, int]]:
     """``(scan start, host start, length)`` of the non-empty token ranges that scan order moves."""
-    segs = [(0, num_prefix, index), (index, 0, num_prefix), (index + num_prefix, num_prefix + index, num_patches - index)]
+    after = index + num_prefix
+    segs = [(0, num_prefix, index), (index, 0, num_prefix), (after, after, num_patches - index)]
     return [s for s in segs if s[2] > 0]
 
 
