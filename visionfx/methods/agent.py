@@ -156,8 +156,9 @@ def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def _bin_matrix(size: int, parts: int, device, dtype) -> torch.Tensor:
-    """``[parts, size]``: ``1/|bin|`` over adaptive-pooling bin ``i = [floor(i·size/parts), ceil((i+1)·size/parts))``."""
+def _bin_matrix(size: int, parts: int, device) -> torch.Tensor:
+    """``[parts, size]`` (float64): ``1/|bin|`` over the adaptive-pooling bins
+    ``[floor(i·size/parts), ceil((i+1)·size/parts))``."""
     i = torch.arange(parts, device=device)
     start = (i * size) // parts
     end = ((i + 1) * size + parts - 1) // parts
@@ -169,7 +170,7 @@ def _bin_matrix(size: int, parts: int, device, dtype) -> torch.Tensor:
 def pooling_matrix(grid: tuple[int, int], agent_hw: tuple[int, int], device, dtype) -> torch.Tensor:
     """``[ph·pw, H·W]``: adaptive average pooling of a row-major ``H×W`` grid to ``ph×pw`` as a matrix."""
     (H, W), (ph, pw) = grid, agent_hw
-    rows, cols = _bin_matrix(H, ph, device, dtype), _bin_matrix(W, pw, device, dtype)
+    rows, cols = _bin_matrix(H, ph, device), _bin_matrix(W, pw, device)
     return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(ph * pw, H * W).to(dtype)
 
 

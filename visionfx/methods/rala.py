@@ -93,8 +93,8 @@ def rala_key_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
     acc = _acc_dtype(q.dtype)
     B, H, N, D = k.shape
     q_mean = F.elu(q.to(acc)).mean(dim=-2) + 1.0  # [B, H, D]
-    # φ(k)·q̄ = ELU(k)·q̄ + Σ q̄. ELU(k) in the token layout [B, N, H·D] (no copy for keys from a packed qkv) times
-    # the block-diagonal [B, H·D, H] holding q̄: one batched product, no further [B, N, H, D] temporaries
+    # φ(k)·q̄ = ELU(k)·q̄ + Σ q̄: ELU(k) in the token layout [B, N, H·D] (no copy for keys from a packed qkv)
+    # times the block-diagonal [B, H·D, H] holding q̄, one batched product with no other [B, N, H, D] temporary
     ek = F.elu(k.transpose(1, 2).to(acc)).reshape(B, N, H * D)
     blocks = (q_mean[..., None] * torch.eye(H, device=k.device, dtype=acc)[:, None, :]).reshape(B, H * D, H)
     logits = (ek @ blocks).transpose(1, 2) + q_mean.sum(dim=-1, keepdim=True)  # [B, H, N]
@@ -171,12 +171,11 @@ class RalaAttention(TokenMixer):
         """With ``cpe=True``: ``x[:, P0:] += DWC_3(x[:, P0:])`` over the grid; ``x [B, N, C_in]``."""
         if self.cpe is None:
             return x
-        B, N, C = x.shape
-        P0 = layout.num_prefix_tokens
-        w = self.cpe.weight
-        local = depthwise_conv_patch_rows(x.view(B, N, 1, C).transpose(1, 2).to(w.dtype), w, self.cpe.bias,
-                                          layout.grid, P0).to(x.dtype)  # [B, 1, H·W, C]
-        return add_to_patch_rows(x.view(B, N, 1, C).transpose(1, 2), local, P0, inplace=False).transpose(1, 2).view(B, N, C)
+        P0, w = layout.num_prefix_tokens, self.cpe.weight
+        x1 = x.unsqueeze(1)  # [B, 1, N, C_in]: one "head" holding every channel
+        local = depthwise_conv_patch_rows(x1.to(w.dtype), w, self.cpe.bias, layout.grid, P0).to(x.dtype)
+        # x is the host's input (the gate reads it unchanged): a new tensor, the zero-prefix term added once
+        return add_to_patch_rows(x1, local, P0, inplace=False).squeeze(1)
 
     def forward(self, q, k, v, x, layout: TokenLayout):
         """``q, k, v [B, h, N, d]``, ``x [B, N, C_in]`` -> ``[B, h, N, d]`` (before the gate)."""

@@ -134,7 +134,8 @@ def depthwise_conv_patch_rows(v: torch.Tensor, weight: torch.Tensor, bias: torch
     """Depthwise ``k×k`` convolution (zero padding ``k // 2``) of the patch rows of ``v`` over the grid, channels-last.
 
     Args:
-        v: ``[B, h, N, d]``, any strides (e.g. a view of a packed qkv); channel ``g·d + e`` is head ``g``, column ``e``.
+        v: ``[B, h, N, d]``, any strides (e.g. a view of a packed qkv); channel ``g·d + e`` is head ``g``,
+            column ``e``.
         weight: ``[h·d, 1, k, k]`` (shared by the batch) or ``[B, h·d, k, k]`` (one kernel per sample and channel).
         bias: ``[h·d]`` or ``None``.
         grid: ``(H, W)`` with ``H·W = N − num_prefix_tokens``.
