@@ -118,7 +118,7 @@ def _state_pass(
     kbase = b * s_b + h * s_h
     vbase = b * t_b + h * t_h
     km = (rk < DK)[None, :]
-    sptr = ST + ((kind * 2 + d) * n_bh + pid_bh) * n_chunks * BK * BV + rk[:, None] * BV + rv[None, :]
+    sptr = ST + ((kind * 2 + d) * n_bh + pid_bh).to(tl.int64) * n_chunks * BK * BV + rk[:, None] * BV + rv[None, :]
     S = tl.zeros([BKS, BVS], tl.float32)
     for step in range(n_chunks):
         c = tl.where(rev_walk, n_chunks - 1 - step, step)
@@ -160,6 +160,7 @@ def _fwd_out(
     r = tl.arange(0, SUB)
     rk, rv = tl.arange(0, BK), tl.arange(0, BV)
     c0 = c * (NS * SUB)
+    soff = rk[:, None] * BV + rv[None, :]
     for m in tl.static_range(NS):
         lo = c0 + m * SUB
         # sub-chunks past the end hold nothing and contribute nothing (zero keys and values, zero gates)
@@ -190,7 +191,7 @@ def _fwd_out(
                         out += tl.dot(a.to(DT), v_o, input_precision=PREC)
                         mid += total_o
                 # earlier chunks through the state entering this one; `mid` sums the chunk's gates before the tile
-                s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c) * BK * BV + rk[:, None] * BV + rv[None, :])
+                s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV) + soff)
                 out += tl.dot((qt * tl.exp(mid)[None, :]).to(DT), s.to(DT), input_precision=PREC)
                 # the tile itself: factorised through the tile's start when every factor stays within e^±span_max
                 if tl.min(total, 0) >= -span_max:
@@ -257,7 +258,7 @@ def _bwd_out(
                         p = tl.dot(do, tl.trans(v_o), input_precision=PREC)
                         acc += tl.dot(p.to(DT), kt, input_precision=PREC)
                         mid += total_o
-                s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c) * BK * BV + soff).to(DT)
+                s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV) + soff).to(DT)
                 acc += tl.dot(do, tl.trans(s), input_precision=PREC) * tl.exp(mid)[None, :]
                 dq_d = eq * acc
                 # dk, dv from later sub-chunks (nearest first) and later chunks
@@ -278,7 +279,7 @@ def _bwd_out(
                         dv += tl.dot(tl.trans(a.to(DT)), do_o, input_precision=PREC)
                         dk_d += f * tl.dot(tl.trans(p.to(DT)), qt_o, input_precision=PREC)
                         mid += total_o
-                rs = tl.load(ST + (((2 + d) * n_bh + pid_bh) * n_chunks + c) * BK * BV + soff).to(DT)
+                rs = tl.load(ST + (((2 + d) * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV) + soff).to(DT)
                 f = tl.exp(after + mid[None, :])  # to the end of the chunk in scan order
                 dk_d += f * tl.dot(v, tl.trans(rs), input_precision=PREC)
                 dv += tl.dot((k * f).to(DT), rs, input_precision=PREC)
@@ -300,7 +301,7 @@ def _bwd_out(
                     arow = N - 1 - tok
                 else:
                     arow = tok
-                tl.store(DA + (d * n_bh + pid_bh) * N * DK + arow[:, None] * DK + rk[None, :],
+                tl.store(DA + (d * n_bh + pid_bh).to(tl.int64) * N * DK + arow[:, None] * DK + rk[None, :],
                          (q * dq_d - k * dk_d) * scale, mask=tm[:, None] & (rk < DK)[None, :])
                 dq += dq_d
                 dk += dk_d
