@@ -105,7 +105,7 @@ def test_training_rows_end_with_answer_and_eos(data):
     assert torch.equal(m.cummax(1).values, m) and torch.equal(split.input_ids == PAD, m == 0)
 
 
-def test_augment_is_a_replicated_shift_and_optional_flip():
+def test_augment_is_a_background_filled_shift_and_optional_flip():
     from visionfx.recovery.easy_vqa_data import VqaAugment, normalize_images
 
     g = torch.Generator().manual_seed(0)
@@ -115,11 +115,14 @@ def test_augment_is_a_replicated_shift_and_optional_flip():
     y = VqaAugment(t, True, seed=3)(x, 7)
     ref = normalize_images(x).double()
 
-    def shifted(img, dy, dx):  # naive: output pixel (i, j) reads the clamped source pixel (i + dy - t, j + dx - t)
+    def shifted(img, dy, dx):  # naive: output pixel (i, j) reads source (i + dy - t, j + dx - t), else background
+        corners = torch.stack([img[:, 0, 0], img[:, 0, 7], img[:, 7, 0], img[:, 7, 7]], 1)
+        background = corners.sort(1).values[:, 1]  # lower median of four, per channel
         out = torch.empty_like(img)
         for i in range(8):
             for j in range(8):
-                out[:, i, j] = img[:, min(max(i + dy - t, 0), 7), min(max(j + dx - t, 0), 7)]
+                si, sj = i + dy - t, j + dx - t
+                out[:, i, j] = img[:, si, sj] if 0 <= si < 8 and 0 <= sj < 8 else background
         return out
 
     for b in range(3):

@@ -23,8 +23,9 @@ Decisions the brief leaves open:
 - **Image normalisation** ``(x / 255 − 0.5) / 0.5`` per channel (the processor's ``image_mean`` / ``image_std``), so
   the processor's pixel values equal the on-device ones.
 - **Augmentation.** Colours and shapes are the answers, so there is no colour jitter, no crop that could cut the
-  shape off and no zero padding (black is an answer): a random translation of up to ``translate`` pixels with
-  edge-replicated borders, and an optional horizontal flip (no question is about left or right, and a mirrored
+  shape off and no zero padding (black is an answer): a random translation of up to ``translate`` pixels, the
+  uncovered border filled with the background colour (the per-channel median of the four corner pixels), and an
+  optional horizontal flip (no question is about left or right, and a mirrored
   circle, rectangle or upright triangle is the same shape).
 - Training sequences are ``prompt + answer + </s>`` left padded to the split's longest, so the answer and ``</s>``
   are the last two positions of every row; the loss reads only the logits that predict them.
@@ -267,8 +268,8 @@ class EasyVQA:
 class VqaAugment:
     """On-device augmentation that keeps the answers true: ``uint8 [B, 3, H, W]`` -> normalised ``float32``.
 
-    A random shift of up to ``translate`` pixels per axis with edge-replicated borders, then (``flip``) a horizontal
-    flip with probability 1/2. Random choices are a function of ``(seed, step)`` only."""
+    A random shift of up to ``translate`` pixels per axis, the uncovered border filled with the background colour
+    (per-channel median of the four corners), then (``flip``) a horizontal flip with probability 1/2. Random choices are a function of ``(seed, step)`` only."""
 
     def __init__(self, translate: int = 4, flip: bool = True, seed: int = 0):
         if translate < 0:
@@ -281,7 +282,11 @@ class VqaAugment:
         B, _, H, W = x.shape
         if self.translate:
             t = self.translate
-            padded = F.pad(x, (t, t, t, t), mode="replicate")
+            # the background is one colour: fill with it (replicated edges would stretch a shape that touches them)
+            corners = x[:, :, [0, 0, H - 1, H - 1], [0, W - 1, 0, W - 1]]  # [B, 3, 4]
+            fill = corners.median(-1).values[:, :, None, None]
+            padded = fill.expand(B, 3, H + 2 * t, W + 2 * t).clone()
+            padded[:, :, t:t + H, t:t + W] = x
             dy = torch.randint(0, 2 * t + 1, (B,), generator=g, device=x.device)
             dx = torch.randint(0, 2 * t + 1, (B,), generator=g, device=x.device)
             rows = (dy[:, None] + torch.arange(H, device=x.device))[:, :, None]  # [B, H, 1]

@@ -49,7 +49,8 @@ class TrainVQAConfig(Recipe):
     Model: ``image_size``/``patch_size`` and ``vision_*`` (CLIP tower), ``text_*`` (Llama), ``projector_act``.
     Training: ``epochs`` (an upper bound when ``time_budget`` is set; may be fractional), ``max_steps`` (cap, smoke
     tests), ``batch_size`` (per process), ``lr``, ``min_lr_ratio``, ``weight_decay``, ``warmup_steps``, ``beta2``,
-    ``grad_clip``, ``translate``/``flip`` (augmentation), ``mixed_precision``, ``seed``, ``cpu``.
+    ``grad_clip``, ``translate``/``flip`` (augmentation), ``mixed_precision``, ``time_budget`` (seconds of training)
+    with ``calibrate_steps`` (timed steps that size it), ``seed``, ``cpu``.
     Evaluation: ``eval_every`` steps (0: only at the end) on the first ``eval_limit`` test questions (None: all),
     ``eval_batch_size``, ``max_new_tokens``. ``limit``: keep the first N questions of each split (smoke runs).
     """
@@ -66,7 +67,7 @@ class TrainVQAConfig(Recipe):
     text_kv_heads: int = 4
     text_mlp: int = 768
     projector_act: str = "gelu"
-    epochs: float = 30.0
+    epochs: float = 40.0
     max_steps: int | None = None
     batch_size: int = 256
     lr: float = 1e-3
