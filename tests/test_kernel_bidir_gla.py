@@ -59,9 +59,9 @@ def gates(regime, B, H, N, d, g):
         t[..., :3] = -1e-3 * torch.rand(B, H, N, 3, generator=g)
         t[..., 3] = 0.0
         return t
-    if regime == "blocks":  # per 16-token block: just inside the factorised limit (15 × 2.6 = 39), none, −20, mixed
+    if regime == "blocks":  # per 16-token block: just inside the factorised limit (16 × 2.4 = 38.4), none, −20, mixed
         t = -torch.rand(B, H, N, d, generator=g) * 0.5
-        t[:, :, 0:16] = -2.6
+        t[:, :, 0:16] = -2.4
         t[:, :, 16:32] = -1e-7
         t[:, :, 32:48] = -20.0
         t[:, :, 48:64, : d // 2] = -20.0
@@ -112,6 +112,24 @@ def test_exact_diagonal_everywhere():
         check(*make(1, 1, 40, 16, 16, "moderate"))
     finally:
         mp.undo()
+
+
+def test_diagonal_limit_is_per_block():
+    """Block 0 decays 38.4 nats per channel: under the limit 40 it is factorised (factors up to e^38), under 38 it
+    takes the exact walk. Only its rows change (in rounding), and both agree with the oracle."""
+    q, k, v, gf, _ = make(1, 1, 40, 16, 16, "blocks")
+    outs = []
+    mp = pytest.MonkeyPatch()
+    try:
+        for limit in (40.0, 38.0):
+            mp.setattr(kt, "DIAG_SPAN_MAX", limit)
+            outs.append(bidir_gla_triton(q, k, v, gf, gf, scale=0.3))
+    finally:
+        mp.undo()
+    changed = ((outs[0] - outs[1]).abs().amax(-1)[0, 0] > 0).nonzero().flatten()
+    assert len(changed) > 0 and changed.max() < 16
+    for out in outs:
+        assert rel(out, naive(q, k, v, gf, gf, 0.3)) < 1e-5
 
 
 def test_strong_decays_need_the_exact_diagonal():
