@@ -21,10 +21,11 @@ inclusive cumulative log-decay; token j reaches i ≥ j with the per-channel fac
     factors are ≥ 1. It is used only when every channel's decay over the block is at most ``DIAG_SPAN_MAX`` = 40
     nats (checked per block, per direction: ``min_c Σ_block g ≥ −40``), so no factor exceeds e^40 ≈ 2.4e17 and none
     of the ``q̃`` factors falls below e^−40, far above fp32/bf16/tf32's smallest normal (e^−87): both operands and
-    every product are finite, and an underflow can only drop terms of relative size < 1e−17. Otherwise (some channel
-    decays faster than 2.5 nats per token on average) the block falls back to the exact computation: a walk over
-    the 16 key positions building ``exp(a_i − a_j)`` by one multiplication per step (the previous kernel's scheme,
-    now only for such blocks), followed by one tensor-core product with v.
+    every product are finite (masked pairs included, at most e^40·|q||k| per channel before masking); an operand can
+    underflow only where ``|q| < 3e−21``, dropping a term below ``3e−21·|k|``; and the exponents' rounding stays
+    below 40·2⁻²⁴ ≈ 2.4e−6 relative. Otherwise (some channel decays faster than 2.5 nats per token on average) the
+    block falls back to the exact computation: a walk over the 16 key positions building ``exp(a_i − a_j)`` by one
+    multiplication per step (the previous kernel's scheme, now only for such blocks), then one tensor-core product.
 
   No other ``exp`` of a positive exponent is formed anywhere: every other exponent is a sum of gates (≤ 0), each
   summed from exactly the gates it stands for (a shifted load gives the gates *after* a row, instead of the
