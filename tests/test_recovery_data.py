@@ -252,6 +252,7 @@ def test_fidelity_script_tiny(reference, cache_dir, tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     md = tmp_path / "fidelity.md"
+    md.write_text("# Page\n\nOther tables stay.\n")
     rc = script.main(["--data", str(ARCHIVE), "--cache-dir", str(cache_dir), "--limit", str(LIMIT),
                       "--reference", str(reference), "--output", str(tmp_path / "fid"), "--md", str(md),
                       "--mixers", "agentsd,slab", "--max-steps", "1", "--batch-size", "8", "--cpu", "--no-progress"])
@@ -262,6 +263,9 @@ def test_fidelity_script_tiny(reference, cache_dir, tmp_path):
     assert rows["agentsd"]["training_free"] and rows["agentsd"]["top1_recovered"] is None
     slab = rows["slab"]
     assert slab["stage1_gpu_seconds"] > 0 and slab["stage2_gpu_seconds"] > 0 and slab["compute_share"] > 0
+    page = md.read_text()  # the script rewrites its own marked section only
+    assert page.startswith("# Page\n\nOther tables stay.") and page.count("cifar10 fidelity: begin") == 1
+    assert "| slab |" in page
     assert all(0 <= slab[k] <= 1 for k in ("top1_none", "top1_stage1", "top1_recovered"))
     text = md.read_text()
     assert "| reference (softmax) |" in text and "| slab |" in text and "| agentsd |" in text

@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 import visionfx
 from visionfx.recovery.easy_vqa_data import EasyVQA, VqaSplit, normalize_images
 from visionfx.recovery.easy_vqa_llava import evaluate_vqa
+from visionfx.recovery.fidelity import write_markdown_section as write_section
 from visionfx.recovery.engine import StageClock
 
 __all__ = ["REDUCTIONS", "RouterBatches", "visual_compute_saved", "calibrate_var", "run_easy_vqa_fidelity", "fidelity_markdown",
@@ -277,16 +278,7 @@ def fidelity_markdown(results: dict, command: str, environment: str = "") -> str
 def write_markdown_section(path: str | os.PathLike, body: str) -> Path:
     """Replace the text between :data:`MD_BEGIN` and :data:`MD_END` in ``path`` with ``body`` (the markers are
     appended, with the body, when absent; the rest of the file is left as it is)."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else ""
-    block = f"{MD_BEGIN}\n{body.rstrip()}\n{MD_END}"
-    if MD_BEGIN in text and MD_END in text and text.index(MD_BEGIN) < text.index(MD_END):
-        text = text[:text.index(MD_BEGIN)] + block + text[text.index(MD_END) + len(MD_END):]
-    else:
-        text = text.rstrip() + ("\n\n" if text.strip() else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    return write_section(path, body, MD_BEGIN, MD_END)
 
 
 def write_json(results: dict, path: str | os.PathLike) -> Path:

@@ -192,10 +192,29 @@ def fidelity_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+MD_BEGIN = "<!-- cifar10 fidelity: begin (written by scripts/fidelity_cifar10.py) -->"
+MD_END = "<!-- cifar10 fidelity: end -->"
+
+
+def write_markdown_section(path: str | os.PathLike, body: str, begin: str = MD_BEGIN, end: str = MD_END) -> Path:
+    """Replace the text between the markers ``begin`` and ``end`` in ``path`` with ``body`` (markers and body are
+    appended when absent); the rest of the file, e.g. other tables and their commentary, is left as it is."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + ("\n\n" if text.strip() else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
 def write_results(results: dict, json_path: str | os.PathLike | None, md_path: str | os.PathLike | None) -> None:
+    """Write the results JSON and the table's section of the Markdown page (``docs/fidelity.md``)."""
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(results, indent=1, default=str) + "\n")
     if md_path:
-        Path(md_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(md_path).write_text(fidelity_markdown(results))
+        write_markdown_section(md_path, fidelity_markdown(results))
