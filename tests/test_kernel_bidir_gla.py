@@ -84,6 +84,7 @@ def check(q, k, v, gf, gb, scale=0.3, **kw):
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     assert rel(out, ref) < 1e-5
+    assert rel(out, bidir_gla_reference(*(t.detach().double() for t in leaves), scale=scale)) < 1e-5
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     got = torch.autograd.grad(out, leaves, do)
     want = torch.autograd.grad(ref, leaves, do.double())
