@@ -170,6 +170,20 @@ def test_gate_views_and_strided_inputs():
     want = bidir_gla_triton(*(t.contiguous() for t in (qkv[0], qkv[1], qkv[2], gf, gb)), scale=0.25)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert rel(out, naive(qkv[0], qkv[1], qkv[2], gf, gb, 0.25)) < 1e-5
+    assert out.transpose(1, 2).is_contiguous()  # token layout: heads merge without a copy
+
+
+def test_output_accepts_in_place_updates_under_autograd():
+    """The op's output view may be updated in place with gradients on; the input gradients stay the op's."""
+    q, k, v, gf, gb = make(1, 2, 19, 16, 16, "moderate", seed=5)
+    leaves = [t.requires_grad_() for t in (q, k, v, gf, gb)]
+    out = bidir_gla_triton(*leaves, scale=0.3)
+    out[:, :, 1:].add_(1.0)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, do)
+    want = torch.autograd.grad(naive(*leaves, 0.3), leaves, do.double())
+    for a, b in zip(got, want):
+        assert close(a, b)
 
 
 def test_chunked_matches_legacy_scan():

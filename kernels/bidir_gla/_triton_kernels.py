@@ -149,6 +149,7 @@ def _fwd_out(
     Q, K, V, G, ST, O,
     N, n_chunks, n_bh, n_heads, scale, span_max,
     s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
+    o_b, o_h, o_n,  # strides of the output (its last dim contiguous)
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NS: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -200,7 +201,7 @@ def _fwd_out(
                 else:
                     a, _, _ = _diag_exact(q, k, q, g, r, d == 1, SUB, False)
                 out += tl.dot(a.to(DT), v, input_precision=PREC)
-            tl.store(O + vbase + tok[:, None] * t_n + rv[None, :], (out * scale).to(O.dtype.element_ty),
+            tl.store(O + b * o_b + h * o_h + tok[:, None] * o_n + rv[None, :], (out * scale).to(O.dtype.element_ty),
                      mask=(tok < hi)[:, None] & (rv < DV)[None, :])
 
 

@@ -147,17 +147,22 @@ def _out_args(q, v, gates, scale, backward):
 
 
 def _fwd_chunked(q, k, v, gf, gb, scale):
-    q, k, v = _same_layout(q, k, v)
+    """The output in token layout, ``[B, N, H, dv]``. q and k share strides in the kernels; q, k, v sliced from one
+    projection already do, so they are read in place."""
+    if q.stride() != k.stride() or q.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = _same_layout(q, k, v)
     gates = _gates(gf, gb)
     states = _chunked_states(k, v, k, v, gates, 1)
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
+    B, H, N, _ = q.shape
+    out = q.new_empty((B, N, H, v.shape[-1]))
     grid, args, meta = _out_args(q, v, gates, scale, False)
-    _fwd_out[grid](q, k, v, gates[0], states, out, *args, **meta)
+    _fwd_out[grid](q, k, v, gates[0], states, out, *args, out.stride(0), out.stride(2), out.stride(1), **meta)
     return out
 
 
 def _bwd_chunked(do, q, k, v, gf, gb, scale):
-    q, k, v, do = _same_layout(q, k, v, do.to(q.dtype))
+    """``do`` is the gradient of the token-layout output ``[B, N, H, dv]``."""
+    q, k, v, do = _same_layout(q, k, v, do.to(q.dtype).transpose(1, 2))
     gates = _gates(gf, gb)
     states = _chunked_states(k, v, q, do, gates, 2)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -316,11 +321,12 @@ def _fwd_scan(q, k, v, gf, gb, scale):
     q, k, v = _same_layout(q, k, v)
     out_a, _ = _run_scan(k, v, _gates(gf, gb), q, None, rev0=False, shift=0, scale_a=0.5 * scale, scale_b=0.0,
                          dk=q.shape[-1], dv=v.shape[-1])
-    return (out_a[0] + out_a[1]).to(q.dtype)
+    out = (out_a[0] + out_a[1]).to(q.dtype)
+    return out.transpose(1, 2).contiguous()  # token layout [B, N, H, dv], as the chunked path
 
 
 def _bwd_scan(do, q, k, v, gf, gb, scale):
-    q, k, v, do = _same_layout(q, k, v, do.to(q.dtype))
+    q, k, v, do = _same_layout(q, k, v, do.to(q.dtype).transpose(1, 2))
     gates = _gates(gf, gb)
     dk_, dv_ = q.shape[-1], v.shape[-1]
     # dq per direction: forward states (K = k, V = v) read by Y = dO; o = (o_f + o_b)/2 gives the 0.5
@@ -357,7 +363,8 @@ def _gla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Ten
 
 @_gla_fwd_op.register_fake
 def _(q, k, v, gf, gb, scale, impl):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    B, H, N, _ = q.shape
+    return q.new_empty((B, N, H, v.shape[-1]))
 
 
 @torch.library.custom_op("visionfx::bidir_gla_bwd", mutates_args=())
@@ -389,6 +396,23 @@ def _backward_rule(ctx, do):
 _gla_fwd_op.register_autograd(_backward_rule, setup_context=_setup)
 
 
+class _EagerBidirGLA(torch.autograd.Function):
+    """The same forward and backward without the custom-op dispatcher (its per-call CPU cost is comparable to the
+    kernels' GPU time at small shapes); ``torch.compile`` traces the custom op instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gf, gb, scale, impl):
+        ctx.save_for_backward(q, k, v, gf, gb)
+        ctx.scale, ctx.impl = scale, impl
+        return _impl(impl)[0](q, k, v, gf, gb, scale)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, gf, gb = ctx.saved_tensors
+        dq, dk, dv, dgf, dgb = _impl(ctx.impl)[1](do, q, k, v, gf, gb, ctx.scale)
+        return dq, dk, dv, dgf.to(gf.dtype), dgb.to(gb.dtype), None, None
+
+
 def bidir_gla_triton(q, k, v, gf, gb, *, scale, chunk_size=64, impl=None):
     """Bidirectional GLA; see the reference for the math.
 
@@ -400,8 +424,11 @@ def bidir_gla_triton(q, k, v, gf, gb, *, scale, chunk_size=64, impl=None):
         impl: ``"chunked"`` (tensor-core intra-chunk terms) or ``"scan"`` (the previous kernel); default ``IMPL``.
 
     Returns:
-        ``[B, H, N, dv]`` in the dtype of q.
+        ``[B, H, N, dv]`` in the dtype of q, a view of ``[B, N, H, dv]`` memory (made outside the op's autograd
+        Function, so in-place updates stay legal; heads merge without a copy).
     """
     impl = IMPL if impl is None else impl
     _impl(impl)
-    return _gla_fwd_op(q, k, v, gf, gb, float(scale), impl)
+    if torch.compiler.is_compiling():
+        return _gla_fwd_op(q, k, v, gf, gb, float(scale), impl).transpose(1, 2)
+    return _EagerBidirGLA.apply(q, k, v, gf, gb, float(scale), impl).transpose(1, 2)
