@@ -7,7 +7,7 @@ split, and VAR with sink dimensions calibrated on train prompts (visionfx.recove
 column is defined). Prints a Markdown table, writes <output>/fidelity_easy_vqa.json and replaces the easy-VQA section
 of docs/fidelity.md (only the text between its markers).
 
-    # one H200, about 4 minutes in all (training 150 s)
+    # one H200, about 4 minutes in all (training 240 s)
     python scripts/fidelity_easy_vqa.py --data /path/to/easy-vqa.tar.xz --output out/easy-vqa
 
     # smoke run on a CPU in seconds
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(ROOT / "configs" / "train-easy-vqa.yaml"), help="training recipe")
     p.add_argument("--train-set", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="override a training recipe field (repeatable)")
-    p.add_argument("--time-budget", type=float, default=150.0, help="training seconds (default 150)")
+    p.add_argument("--time-budget", type=float, default=240.0, help="training seconds (default 240)")
     p.add_argument("--max-steps", type=int, default=None, help="cap the training steps (smoke runs)")
     p.add_argument("--limit", type=int, default=None, help="keep the first N questions of each split (smoke runs)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N test questions (default all)")
