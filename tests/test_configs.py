@@ -19,6 +19,10 @@ def _load(path: Path):
         from visionfx.recovery.config import load_distill_config
 
         return load_distill_config(path)
+    if path.name == "train-easy-vqa.yaml":
+        from visionfx.recovery.easy_vqa_llava import TrainVQAConfig
+
+        return TrainVQAConfig.load(path)
     if path.name.startswith("train-"):
         from visionfx.recovery.train import TrainConfig
 
