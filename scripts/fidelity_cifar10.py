@@ -19,16 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
+from visionfx.recovery.cli import key_value
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _kv(text: str):
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=180.0, help="reference training seconds (default 180)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every training loop (smoke runs)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of every loop (smoke runs)")
-    p.add_argument("--train-set", type=_kv, action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--distill-set", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--train-set", type=key_value, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--distill-set", type=key_value, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--cpu", action="store_true", help="run on the CPU")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -25,16 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+from visionfx.recovery.cli import key_value
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _kv(text: str):
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="out/easy-vqa", help="folder for the model, routers and the JSON results")
     p.add_argument("--model", default=None, help="a saved easy-VQA LLaVA folder (skips training)")
     p.add_argument("--config", default=str(ROOT / "configs" / "train-easy-vqa.yaml"), help="training recipe")
-    p.add_argument("--train-set", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--train-set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="override a training recipe field (repeatable)")
     p.add_argument("--time-budget", type=float, default=240.0, help="training seconds (default 240)")
     p.add_argument("--max-steps", type=int, default=None, help="cap the training steps (smoke runs)")

@@ -22,10 +22,11 @@ from visionfx.cli import Command
 __all__ = ["COMMAND", "TRAIN_COMMAND", "main_distill", "main_train"]
 
 
-def _key_value(text: str) -> tuple[str, object]:
+def key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> ``(KEY, VALUE parsed as YAML)``, an argparse type for recipe overrides."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--set expects key=value, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     return key.strip(), yaml.safe_load(value)
 
 
@@ -42,7 +43,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="set a recipe field (repeatable), e.g. --set stage2_lr=2e-4")
     p.add_argument("--max-steps", type=int, default=None, help="cap the optimiser steps (of each stage)")
     p.add_argument("--batch-size", type=int, default=None, help="images per device and micro-batch")

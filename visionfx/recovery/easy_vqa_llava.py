@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,8 @@ import torch.nn.functional as F
 from visionfx.recovery.config import MIXED_PRECISION, Recipe, _check, _is_int
 from visionfx.recovery.easy_vqa_data import BOS, EOS, IMAGE, PAD, EasyVQA, VqaAugment, VqaSplit, build_processor, \
     normalize_images
-from visionfx.recovery.engine import RunLog, StageClock, WarmupCosine, make_accelerator, param_groups, synchronize
+from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, budgeted_training, make_accelerator,
+                                      param_groups)
 
 __all__ = ["TrainVQAConfig", "build_llava_config", "build_model", "train_easy_vqa", "evaluate_vqa", "generate_batch"]
 
@@ -283,55 +283,28 @@ def train_easy_vqa(config: TrainVQAConfig, data: EasyVQA | str | os.PathLike,
     batches = _batches(len(data.train), config.batch_size, config.seed + 2, acc.process_index, acc.num_processes,
                        acc.device)
     clock = StageClock(acc.device)
-    params = [p for p in model.parameters() if p.requires_grad]
     unwrapped = acc.unwrap_model(model_p)
-    bar = tqdm(total=planned, desc="train easy-vqa", disable=not (progress and acc.is_local_main_process),
-               dynamic_ncols=True)
-    total, step, calib_t0, loss_sum, n_loss = planned, 0, None, None, 0
-    model_p.train()
-    clock.start()
-    while step < total:
+
+    def loss_fn(step):
         batch = data.train.batch(next(batches))
         pixel_values = augment(batch["images"], step)
         with acc.autocast():
-            loss = _answer_loss(model_p, batch, pixel_values)
-        acc.backward(loss)
-        if config.grad_clip > 0:
-            acc.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        n_loss += 1
-        step += 1
-        if config.time_budget and step == 10:
-            synchronize(acc.device)
-            calib_t0 = time.perf_counter()
-        if config.time_budget and calib_t0 is not None and step == 10 + config.calibrate_steps:
-            synchronize(acc.device)
-            per_step = (time.perf_counter() - calib_t0) / config.calibrate_steps
-            fit = step + int(max(0.0, config.time_budget - clock.elapsed()) / per_step)
-            total = max(step, min(total, fit))
-            schedule.total = total
-            log.data["meta"].update(step_seconds=per_step, budget_steps=total)
-            bar.total = total
-        if step % 50 == 0 or step == total:
-            mean_loss = float(loss_sum) / n_loss
-            log.record("train", step=step, loss=mean_loss, lr=sched.get_last_lr()[0])
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            loss_sum, n_loss = None, 0
-        if config.eval_every and step % config.eval_every == 0 and step < total and acc.is_main_process:
-            clock.stop()
-            with acc.autocast():
-                ev = evaluate_vqa(unwrapped, data.test, tok, batch_size=config.eval_batch_size,
-                                  max_new_tokens=config.max_new_tokens, limit=config.eval_limit)
-            log.data["evals"].append({"step": step, "accuracy": ev["accuracy"], "count": ev["count"]})
-            bar.write(f"step {step}: test accuracy {ev['accuracy']:.2f}% ({ev['count']} questions)")
-            log.write(acc)
-            clock.start()
-        bar.update(1)
-    clock.stop()
-    bar.close()
+            return _answer_loss(model_p, batch, pixel_values)
+
+    def on_eval(step):
+        if not acc.is_main_process:
+            return
+        with acc.autocast():
+            ev = evaluate_vqa(unwrapped, data.test, tok, batch_size=config.eval_batch_size,
+                              max_new_tokens=config.max_new_tokens, limit=config.eval_limit)
+        log.data["evals"].append({"step": step, "accuracy": ev["accuracy"], "count": ev["count"]})
+        tqdm.write(f"step {step}: test accuracy {ev['accuracy']:.2f}% ({ev['count']} questions)")
+        log.write(acc)
+
+    step = budgeted_training(acc, model_p, opt, sched, schedule, loss_fn, planned=planned, log=log, clock=clock,
+                             grad_clip=config.grad_clip, time_budget=config.time_budget,
+                             calibrate_steps=config.calibrate_steps, eval_every=config.eval_every, on_eval=on_eval,
+                             progress=progress, desc="train easy-vqa")
     model = acc.unwrap_model(model_p, keep_fp32_wrapper=False).eval()
     ev = evaluate_vqa(model, data.test, tok, batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens,
                       progress=progress and acc.is_local_main_process, desc="test easy-vqa")

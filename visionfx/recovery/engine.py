@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["make_accelerator", "WarmupCosine", "param_groups", "evaluate", "StageClock", "RunLog",
-           "save_checkpoint", "latest_checkpoint", "sync_gradients", "synchronize", "kd_loss"]
+           "save_checkpoint", "latest_checkpoint", "sync_gradients", "synchronize", "kd_loss", "budgeted_training"]
 
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, cpu: bool = False):
@@ -221,3 +221,59 @@ def _checkpoints(root: Path) -> list[tuple[tuple[int, int], Path, dict]]:
             progress = json.loads(f.read_text())
             found.append(((int(progress.get("order", 0)), int(progress["step"])), p, progress))
     return sorted(found, key=lambda t: t[0])
+
+
+def budgeted_training(acc, model_p: nn.Module, opt, sched, schedule: WarmupCosine, loss_fn, *, planned: int,
+                      log: "RunLog", clock: StageClock, grad_clip: float = 0.0, time_budget: float | None = None,
+                      calibrate_steps: int = 30, eval_every: int = 0, on_eval=None, progress: bool = True,
+                      desc: str = "train") -> int:
+    """The optimiser loop of the from-scratch recipes (the CIFAR-10 ViT, the easy-VQA LLaVA); returns the steps run.
+
+    Each step: ``loss = loss_fn(step)`` (the caller's forward, under its autocast), backward, gradient clipping at
+    ``grad_clip`` (0: none), optimiser and scheduler steps. The mean loss goes to ``log`` every 50 steps. With
+    ``time_budget`` (seconds of ``clock``), ``calibrate_steps`` steps are timed after 10 untimed ones and the planned
+    count shrinks (never grows) to fit, with the cosine ``schedule`` stretched over the new length. Every
+    ``eval_every`` steps (0: never) before the last, ``on_eval(step)`` runs with the clock stopped.
+    """
+    from tqdm.auto import tqdm
+
+    params = [p for p in model_p.parameters() if p.requires_grad]
+    bar = tqdm(total=planned, desc=desc, disable=not (progress and acc.is_local_main_process), dynamic_ncols=True)
+    total, step, calib_t0, loss_sum, n_loss = planned, 0, None, None, 0
+    model_p.train()
+    clock.start()
+    while step < total:
+        loss = loss_fn(step)
+        acc.backward(loss)
+        if grad_clip > 0:
+            acc.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        n_loss += 1
+        step += 1
+        if time_budget and step == 10:
+            synchronize(acc.device)
+            calib_t0 = time.perf_counter()
+        if time_budget and calib_t0 is not None and step == 10 + calibrate_steps:
+            synchronize(acc.device)
+            per_step = (time.perf_counter() - calib_t0) / calibrate_steps
+            fit = step + int(max(0.0, time_budget - clock.elapsed()) / per_step)
+            total = max(step, min(total, fit))
+            schedule.total = total
+            log.data["meta"].update(step_seconds=per_step, budget_steps=total)
+            bar.total = total
+        if step % 50 == 0 or step == total:
+            mean_loss = float(loss_sum) / n_loss
+            log.record("train", step=step, loss=mean_loss, lr=sched.get_last_lr()[0])
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            loss_sum, n_loss = None, 0
+        if eval_every and on_eval is not None and step % eval_every == 0 and step < total:
+            clock.stop()
+            on_eval(step)
+            clock.start()
+        bar.update(1)
+    clock.stop()
+    bar.close()
+    return step

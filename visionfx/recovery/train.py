@@ -22,7 +22,6 @@ The checkpoint (``reference.pt``) is a dict: ``format``, ``timm_model``, ``model
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from torch import nn
 
 from visionfx.recovery.config import MIXED_PRECISION, Recipe, _check, _is_int
 from visionfx.recovery.data import GpuAugment, ImageData, _seed
-from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, evaluate, make_accelerator, param_groups,
-                                      synchronize)
+from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, budgeted_training, evaluate, make_accelerator,
+                                      param_groups)
 
 __all__ = ["TrainConfig", "build_reference_model", "train_reference", "load_reference", "REFERENCE_FORMAT"]
 
@@ -139,7 +138,6 @@ def train_reference(config: TrainConfig, data: ImageData, output_dir: str | os.P
         the checkpoint dict (see the module docstring), ``model`` (the trained module, eval mode) added.
     """
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     if data.classes is None:
         raise ValueError("training the reference model needs labelled data with classes")
@@ -171,52 +169,22 @@ def train_reference(config: TrainConfig, data: ImageData, output_dir: str | os.P
     batches = data.train.train_batches(config.batch_size, seed=_seed(config.seed, 11), rank=acc.process_index,
                                        world=acc.num_processes, device=acc.device)
     clock = StageClock(acc.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=planned, desc="train", disable=not (progress and acc.is_local_main_process), dynamic_ncols=True)
-    total, step, calib_t0, loss_sum, n_loss = planned, 0, None, None, 0
-    model_p.train()
-    clock.start()
-    while step < total:
-        x, y = next(batches)
-        x, y = augment(x, y, step)
+
+    def loss_fn(step):
+        x, y = augment(*next(batches), step)
         with acc.autocast():
             logits = fwd(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-        acc.backward(loss)
-        if config.grad_clip > 0:
-            acc.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        n_loss += 1
-        step += 1
-        if config.time_budget and step == 10:
-            synchronize(acc.device)
-            calib_t0 = time.perf_counter()
-        if config.time_budget and calib_t0 is not None and step == 10 + config.calibrate_steps:
-            synchronize(acc.device)
-            per_step = (time.perf_counter() - calib_t0) / config.calibrate_steps
-            elapsed = clock.elapsed()
-            fit = step + int(max(0.0, config.time_budget - elapsed) / per_step)
-            total = max(step, min(total, fit))
-            schedule.total = total
-            log.data["meta"].update(step_seconds=per_step, budget_steps=total)
-            bar.total = total
-        if step % 50 == 0 or step == total:
-            mean_loss = float(loss_sum) / n_loss
-            log.record("train", step=step, loss=mean_loss, lr=sched.get_last_lr()[0])
-            bar.set_postfix(loss=f"{mean_loss:.3f}")
-            loss_sum, n_loss = None, 0
-        if eval_every and step % eval_every == 0 and step < total:
-            clock.stop()
-            top1 = evaluate(acc.unwrap_model(model_p), data.eval, augment.normalize, acc, config.eval_batch_size)
-            log.eval("train", step, top1)
-            log.write(acc)
-            clock.start()
-        bar.update(1)
-    clock.stop()
-    bar.close()
+        return F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+
+    def on_eval(step):
+        log.eval("train", step, evaluate(acc.unwrap_model(model_p), data.eval, augment.normalize, acc,
+                                         config.eval_batch_size))
+        log.write(acc)
+
+    step = budgeted_training(acc, model_p, opt, sched, schedule, loss_fn, planned=planned, log=log, clock=clock,
+                             grad_clip=config.grad_clip, time_budget=config.time_budget,
+                             calibrate_steps=config.calibrate_steps, eval_every=eval_every, on_eval=on_eval,
+                             progress=progress)
     model = acc.unwrap_model(model_p, keep_fp32_wrapper=False)
     top1 = evaluate(model, data.eval, augment.normalize, acc, config.eval_batch_size)
     log.eval("final", step, top1)
