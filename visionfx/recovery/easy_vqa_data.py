@@ -14,7 +14,7 @@ with ``suffix`` LLaVA's short-answer instruction by default (``visionfx.evaluati
 the questions it converts). The processor expands ``<image>`` into 64 placeholders (8×8 patches; the CLS feature is
 dropped by the ``"default"`` select strategy) and the tokenizer prepends ``<s>``.
 
-Decisions the brief leaves open:
+Decisions the specs leave open:
 
 - **Tokenizer.** ``tokenizers`` WordLevel model wrapped in ``PreTrainedTokenizerFast``: lower-casing normaliser,
   ``Whitespace`` pre-tokeniser (``\\w+`` runs and punctuation runs are words), special tokens ``<pad>`` (0), ``<s>``
