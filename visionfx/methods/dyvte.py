@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from visionfx.config import MethodConfig
+from visionfx.methods.dyvte_masks import apply_block, block_mask, gather_mask, gather_seq
 from visionfx.patches.llava import (LlavaHandle, LlavaParts, PromptState, check_left_padding, is_prefill,
                                     layer_hidden, prompt_state, with_layer_hidden)
 from visionfx.registry import MethodSpec
@@ -153,69 +154,6 @@ def exit_decision(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     log(t / (1 - t))`` (strictly; 0 at t = 0.5, the official argmax)."""
     margin = 0.0 if threshold == 0.5 else math.log(threshold) - math.log1p(-threshold)
     return (logits[..., 1] - logits[..., 0]).float() > margin
-
-
-def block_mask(image: torch.Tensor, exited: torch.Tensor, q_len: int) -> torch.Tensor:
-    """``[B, 1, Q, S]`` bool, True where the virtual exit forbids attention: image keys for non-image queries of
-    exited samples. ``image [B, S]`` over the keys (queries are the last ``q_len`` positions), ``exited [B]`` bool."""
-    q_img = image[:, image.shape[1] - q_len:]
-    return image[:, None, None, :] & ~q_img[:, None, :, None] & exited[:, None, None, None]
-
-
-def _to_format(allowed: torch.Tensor, float_dtype: torch.dtype | None) -> torch.Tensor:
-    if float_dtype is None:
-        return allowed
-    return torch.zeros((), dtype=float_dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(
-        float_dtype).min).expand(allowed.shape).contiguous()
-
-
-def apply_block(mask: torch.Tensor | None, block: torch.Tensor, float_dtype: torch.dtype | None) -> torch.Tensor:
-    """The 4-D ``mask`` (additive float or bool; ``None`` = causal) with ``block [B, 1, Q, S]`` forbidden.
-    ``float_dtype``: the format to build when ``mask`` is ``None`` (``None``: bool, as SDPA takes)."""
-    B, _, Q, S = block.shape
-    if mask is None:
-        causal = (torch.arange(Q, device=block.device)[:, None] + (S - Q)) >= torch.arange(S, device=block.device)
-        return _to_format(causal.expand(B, 1, Q, S) & ~block, float_dtype)
-    if mask.dim() != 4:
-        raise NotImplementedError("the DyVTE virtual exit needs a 4-D attention mask (eager or SDPA); FlashAttention "
-                                  "cannot express per-sample columns: use batch_policy='last' or batch size 1")
-    m = mask.expand(B, mask.shape[1], Q, S)
-    if m.dtype == torch.bool:
-        return m & ~block
-    return m.masked_fill(block, torch.finfo(m.dtype).min)
-
-
-def _gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t [B or 1, L, ...]`` gathered along dim 1 at ``idx [B, M]``."""
-    t = t.expand(idx.shape[0], *t.shape[1:])
-    shape = (*idx.shape, *t.shape[2:])
-    return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(shape))
-
-
-def gather_mask(mask, rows: torch.Tensor | None, cols: torch.Tensor, col_valid: torch.Tensor | None,
-                float_dtype: torch.dtype | None):
-    """A mask restricted to query ``rows [B, Mq]`` (``None``: all) and key ``cols [B, Mk]``, with the columns where
-    ``col_valid [B, Mk]`` is False forbidden. 4-D float/bool, 2-D (FlashAttention) or ``None`` (causal, no padding)."""
-    B, Mk = cols.shape
-    if mask is None:
-        if col_valid is None:
-            return None
-        if float_dtype == "2d":
-            return col_valid.long()
-        Mq = rows.shape[1] if rows is not None else 1
-        causal = (torch.arange(Mq, device=cols.device)[:, None] + (Mk - Mq)) >= torch.arange(Mk, device=cols.device)
-        return _to_format(causal.expand(B, 1, Mq, Mk) & col_valid[:, None, None, :], float_dtype)
-    if mask.dim() == 2:
-        m = mask.gather(1, cols.to(mask.device))
-        return m if col_valid is None else m * col_valid.to(m.dtype)
-    m = mask.expand(B, *mask.shape[1:])
-    if rows is not None:
-        m = m.gather(2, rows[:, None, :, None].expand(B, m.shape[1], rows.shape[1], m.shape[3]))
-    m = m.gather(3, cols[:, None, None, :].expand(B, m.shape[1], m.shape[2], Mk))
-    if col_valid is not None:
-        bad = ~col_valid[:, None, None, :]
-        m = m & ~bad if m.dtype == torch.bool else m.masked_fill(bad, torch.finfo(m.dtype).min)
-    return m
 
 
 @dataclass
@@ -491,12 +429,12 @@ class DyVTEHandle(LlavaHandle):
     def _compact_prefill(self, step: _Step, seq: _Sequence, args: tuple, kwargs: dict):
         keep = seq.keep
         if not step.gathered:
-            args, kwargs = with_layer_hidden(args, kwargs, _gather_seq(layer_hidden(args, kwargs), keep))
+            args, kwargs = with_layer_hidden(args, kwargs, gather_seq(layer_hidden(args, kwargs), keep))
             step.gathered = True
         cache = step.cache
         if "mask" not in cache:
             cos, sin = kwargs["position_embeddings"]
-            cache["pe"] = (_gather_seq(cos, keep), _gather_seq(sin, keep))
+            cache["pe"] = (gather_seq(cos, keep), gather_seq(sin, keep))
             cache["mask"] = gather_mask(kwargs.get("attention_mask"), keep, keep, seq.slot_valid, step.float_dtype)
         new = {**kwargs, "attention_mask": cache["mask"], "position_embeddings": cache["pe"], "position_ids": None}
         if kwargs.get("cache_position") is not None:  # transformers 4.x; only static caches read it
