@@ -34,9 +34,8 @@ Decisions the docs leave open:
 - The receivers' denominator is guarded as max(Σ_{𝒱∖V} α, ε) rather than Σ + ε, so row sums stay exact whenever
   that mass exceeds ε (with + ε a row would lose Ω·ε/Σ).
 - A preset sets its values; giving a different explicit value for a field it sets is an error.
-- ``find_sink_dims`` keeps a dimension whose per-sequence firing count is, in most (prompt, layer) pairs where it
-  fires, at most ``max(token_frac · non-pad tokens, min_tokens)``; the attention-mass validation step (§3.1.6) is
-  left to the caller (it needs attention weights).
+- ``find_sink_dims`` (in :mod:`visionfx.methods.var_sinks`, re-exported here with the other sink helpers) leaves the
+  attention-mass validation step (§3.1.6) to the caller.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ import math
 import numbers
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -54,17 +53,16 @@ from torch import nn
 from visionfx.config import MethodConfig
 from visionfx.patches.llava import (LlavaHandle, LlavaParts, check_left_padding, is_prefill, layer_hidden,
                                     prompt_state)
+from visionfx.methods.var_sinks import KNOWN_SINK_DIMS, RMS_EPS, find_sink_dims, known_sink_dims, sink_scores
 from visionfx.registry import MethodSpec
 
 __all__ = ["VARConfig", "VARHandle", "var_attention", "redistribute", "column_masks", "sink_scores",
-           "find_sink_dims", "known_sink_dims", "ATTN_NAME", "KNOWN_SINK_DIMS"]
+           "find_sink_dims", "known_sink_dims", "ATTN_NAME", "KNOWN_SINK_DIMS", "RMS_EPS"]
 
 ATTN_NAME = "visionfx_var"
 MODES = ("eager", "hybrid")
 PRESETS = {"official_code": {"p": 0.4, "rho": 0.5}, "hallucination": {"rho": 0.5}, "general": {"rho": 0.8},
            "vision_centric": {"rho": 0.9}}
-KNOWN_SINK_DIMS = {("llama", 4096): (1415, 2533), ("llama", 5120): (2100, 4743)}
-RMS_EPS = 1e-6
 CODE_EPS = 1e-6  # the official code adds this to every image weight in the head test's denominator
 
 
@@ -123,22 +121,6 @@ class VARConfig(MethodConfig):
             if not dims or any(d < 0 for d in dims) or len(set(dims)) != len(dims):
                 raise ValueError(f"var: sink_dims must be distinct non-negative dimensions, got {raw!r}")
             object.__setattr__(self, "sink_dims", dims)
-
-
-def known_sink_dims(text_config) -> tuple[int, ...] | None:
-    """Registered sink dimensions of a text backbone (keyed by ``model_type`` and ``hidden_size``), or ``None``."""
-    return KNOWN_SINK_DIMS.get((getattr(text_config, "model_type", None), getattr(text_config, "hidden_size", None)))
-
-
-def sink_scores(x: torch.Tensor, dims: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """``x [..., D]`` -> ``[...]`` fp32: max over ``dims`` of |x_d| / sqrt(mean_d x_d² + 1e-6).
-
-    The squared norm is reduced in fp32 straight from ``x`` (no fp32 copy of the residual stream); ``dims`` may be a
-    long tensor on ``x``'s device (no index upload per call)."""
-    index = dims if isinstance(dims, torch.Tensor) else torch.tensor(list(dims), device=x.device)
-    sq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()
-    rms = torch.sqrt(sq / x.shape[-1] + RMS_EPS)
-    return x.index_select(-1, index).float().abs().amax(-1) / rms
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -424,77 +406,6 @@ class VARHandle(LlavaHandle):
                 "first_row": first, "masks": masks["masks"],
                 "params": {"p": cfg.p, "rho": cfg.rho, "summ": cfg.summ, "eps": cfg.eps,
                            "official": cfg.preset == "official_code"}}
-
-
-def find_sink_dims(model: nn.Module, batches, tau_c: float = 20.0, layer_frac: float = 0.5,
-                   prompt_frac: float = 0.5, token_frac: float = 0.02, min_tokens: int = 4,
-                   tally_frac: float = 0.5, return_stats: bool = False):
-    """Find the massive-activation dimensions of a LLaVA text model from calibration prompts (§3.1).
-
-    Args:
-        model: a LLaVA model (patched or not).
-        batches: iterable of model-input dicts (``input_ids``, ``attention_mask``, optionally ``pixel_values``).
-        tau_c: threshold on |x_d| / RMS(x) of the inputs of decoder layers 2..L−1.
-        layer_frac / prompt_frac: minimum fraction of those layers / of the prompts where a dimension fires.
-        token_frac, min_tokens: a dimension must fire on at most ``max(token_frac · n, min_tokens)`` of a sequence's
-            n non-pad tokens in most (prompt, layer) pairs where it fires.
-        tally_frac: minimum tally relative to the top dimension's.
-
-    Returns:
-        Sorted list of dimensions (and a per-dimension stats dict when ``return_stats``).
-    """
-    from visionfx.patches.llava import LlavaParts
-
-    parts = LlavaParts.of(model)
-    layers = list(range(2, len(parts.llm_layers)))
-    if not layers:
-        raise ValueError("find_sink_dims needs a text model with at least 3 layers")
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [parts.llm_layers[i].register_forward_pre_hook(
-        lambda m, a, k, i=i: captured.__setitem__(i, layer_hidden(a, k).detach().float()), with_kwargs=True)
-        for i in layers]
-    stats: dict[int, dict] = {}
-    n_prompts = 0
-    try:
-        for batch in batches:
-            captured.clear()
-            with torch.no_grad():
-                model(**batch, use_cache=False)
-            mask = batch.get("attention_mask")
-            for b in range(batch["input_ids"].shape[0]):
-                valid = mask[b].bool() if mask is not None else torch.ones(batch["input_ids"].shape[1], dtype=bool)
-                prompt = n_prompts + b
-                for layer in layers:
-                    x = captured[layer][b][valid.to(captured[layer].device)]
-                    z = x.abs() / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS)
-                    hot = z > tau_c
-                    flagged = z.amax(-1) > tau_c
-                    if not bool(flagged.any()):
-                        continue
-                    marks = hot.clone()
-                    marks[torch.arange(z.shape[0]), z.argmax(-1)] |= flagged
-                    marks &= flagged[:, None]
-                    allowance = max(token_frac * int(valid.sum()), min_tokens)
-                    for d in marks.any(0).nonzero().flatten().tolist():
-                        s = stats.setdefault(d, {"tally": 0, "layers": set(), "prompts": set(), "pairs": 0,
-                                                 "sparse_pairs": 0})
-                        count = int(marks[:, d].sum())
-                        s["tally"] += count
-                        s["layers"].add(layer)
-                        s["prompts"].add(prompt)
-                        s["pairs"] += 1
-                        s["sparse_pairs"] += int(count <= allowance)
-            n_prompts += batch["input_ids"].shape[0]
-    finally:
-        for h in hooks:
-            h.remove()
-    top = max((s["tally"] for s in stats.values()), default=0)
-    dims = sorted(d for d, s in stats.items()
-                  if len(s["layers"]) >= layer_frac * len(layers) and len(s["prompts"]) >= prompt_frac * n_prompts
-                  and s["sparse_pairs"] * 2 > s["pairs"] and s["tally"] >= tally_frac * top)
-    if return_stats:
-        return dims, {d: {**s, "layers": sorted(s["layers"]), "prompts": len(s["prompts"])} for d, s in stats.items()}
-    return dims
 
 
 METHOD = MethodSpec(
