@@ -1,5 +1,6 @@
-"""Training recipes as frozen dataclasses: :class:`DistillConfig` (``visionfx distill``) and the YAML plumbing that
-:class:`~visionfx.recovery.train.TrainConfig` shares.
+"""Training recipes as frozen dataclasses: :class:`DistillConfig` (``visionfx distill``) and the YAML plumbing and
+field validation (:func:`check_fields`) that :class:`~visionfx.recovery.train.TrainConfig` and
+:class:`~visionfx.recovery.easy_vqa_llava.TrainVQAConfig` share.
 
 Recipes are flat YAML mappings of field names to values (``configs/distill-*.yaml``); unknown keys are rejected with
 a did-you-mean suggestion (:func:`visionfx.config.suggest`), as method configs are. Dataclass defaults are the single
@@ -19,7 +20,8 @@ import yaml
 
 from visionfx.config import suggest
 
-__all__ = ["Recipe", "DistillConfig", "load_distill_config", "MIXED_PRECISION"]
+__all__ = ["Recipe", "DistillConfig", "load_distill_config", "MIXED_PRECISION", "check_fields",
+           "check_mixed_precision"]
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
@@ -89,6 +91,37 @@ def _check(cond: bool, message: str) -> None:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float))
+
+
+# rule name -> (test, what the message says the value must be)
+_RULES = {
+    "ints_ge0": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0"),
+    "ints_ge1": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
+    "optional_ints_ge1": (lambda v: v is None or (_is_int(v) and v >= 1), "must be None or an integer >= 1"),
+    "positive": (lambda v: _is_number(v) and v > 0, "must be > 0"),
+    "nonnegative": (lambda v: _is_number(v) and v >= 0, "must be >= 0"),
+    "fractions": (lambda v: _is_number(v) and 0 <= v <= 1, "must lie in [0, 1]"),
+    "flags": (lambda v: isinstance(v, bool), "must be true or false"),
+}
+
+
+def check_fields(recipe, **groups) -> None:
+    """Validate a recipe's fields by rule: ``check_fields(self, ints_ge1=("batch_size",), fractions=(...), ...)``
+    with the rules of :data:`_RULES`; the first failure raises ``ValueError("<name> <rule>, got <value>")``."""
+    for rule, names in groups.items():
+        test, what = _RULES[rule]
+        for name in names:
+            value = getattr(recipe, name)
+            _check(test(value), f"{name} {what}, got {value!r}")
+
+
+def check_mixed_precision(value) -> None:
+    _check(value in MIXED_PRECISION,
+           f"mixed_precision must be one of {MIXED_PRECISION}, got {value!r}{suggest(str(value), MIXED_PRECISION)}")
 
 
 @dataclass(frozen=True)
@@ -164,39 +197,26 @@ class DistillConfig(Recipe):
     cpu: bool = False
 
     def __post_init__(self):
-        for name in ("stage1_steps", "stage2_steps", "lora_rank", "recalibrate_steps", "crop_padding", "eval_every",
-                     "save_every", "seed"):
-            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 0,
-                   f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        for name in ("stage1_batch_size", "stage2_batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints",
-                     "log_every"):
-            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
-                   f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("stage1_lr", "stage2_lr", "temperature"):
-            _check(isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0,
-                   f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("stage1_weight_decay", "stage2_weight_decay", "stage2_added_lr_mult", "kd_weight", "ce_weight",
-                     "grad_clip", "mixup_alpha", "cutmix_alpha"):
-            _check(isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0,
-                   f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("stage1_warmup", "stage2_warmup", "label_smoothing", "mix_prob"):
-            _check(isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) <= 1,
-                   f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        check_fields(self,
+                     ints_ge0=("stage1_steps", "stage2_steps", "lora_rank", "recalibrate_steps", "crop_padding",
+                               "eval_every", "save_every", "seed"),
+                     ints_ge1=("stage1_batch_size", "stage2_batch_size", "grad_accum", "eval_batch_size",
+                               "keep_checkpoints", "log_every"),
+                     positive=("stage1_lr", "stage2_lr", "temperature"),
+                     nonnegative=("stage1_weight_decay", "stage2_weight_decay", "stage2_added_lr_mult", "kd_weight",
+                                  "ce_weight", "grad_clip", "mixup_alpha", "cutmix_alpha"),
+                     fractions=("stage1_warmup", "stage2_warmup", "label_smoothing", "mix_prob"))
         hint = suggest(str(self.finetune), ["all", "added"])
         _check(self.finetune in ("all", "added"), f"finetune must be 'all' or 'added', got {self.finetune!r}{hint}")
-        _check(self.mixed_precision in MIXED_PRECISION,
-               f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
-               f"{suggest(str(self.mixed_precision), MIXED_PRECISION)}")
+        check_mixed_precision(self.mixed_precision)
         _check(self.kd_weight > 0 or self.ce_weight > 0, "kd_weight and ce_weight cannot both be 0")
-        _check(self.prepbn_steps is None or (_is_int(self.prepbn_steps) and self.prepbn_steps >= 1),
-               f"prepbn_steps must be None or an integer >= 1, got {self.prepbn_steps!r}")
         _check(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
         _check(len(targets) > 0 and all(isinstance(t, str) for t in targets),
                f"lora_targets must be a list of child names, got {self.lora_targets!r}")
         object.__setattr__(self, "lora_targets", targets)
-        for name in ("reparameterize", "flip", "compile", "eval_at_start", "cpu"):
-            _check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_fields(self, optional_ints_ge1=("prepbn_steps",),
+                     flags=("reparameterize", "flip", "compile", "eval_at_start", "cpu"))
 
     @property
     def default_prepbn_steps(self) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from visionfx.recovery.config import MIXED_PRECISION, Recipe, _check, _is_int
+from visionfx.recovery.config import Recipe, _check, check_fields, check_mixed_precision
 from visionfx.recovery.easy_vqa_data import BOS, EOS, IMAGE, PAD, EasyVQA, VqaAugment, VqaSplit, build_processor, \
     normalize_images
 from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, budgeted_training, make_accelerator,
@@ -90,14 +90,11 @@ class TrainVQAConfig(Recipe):
     cpu: bool = False
 
     def __post_init__(self):
-        for name in ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_mlp",
-                     "text_width", "text_layers", "text_heads", "text_kv_heads", "text_mlp", "batch_size",
-                     "calibrate_steps", "eval_batch_size", "max_new_tokens"):
-            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
-                   f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_every", "translate", "seed"):
-            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 0,
-                   f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        check_fields(self,
+                     ints_ge1=("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
+                               "vision_mlp", "text_width", "text_layers", "text_heads", "text_kv_heads", "text_mlp",
+                               "batch_size", "calibrate_steps", "eval_batch_size", "max_new_tokens"),
+                     ints_ge0=("warmup_steps", "eval_every", "translate", "seed"))
         _check(self.image_size % self.patch_size == 0, f"image_size {self.image_size} must be a multiple of "
                f"patch_size {self.patch_size}")
         _check(self.vision_width % self.vision_heads == 0, "vision_width must be a multiple of vision_heads")
@@ -105,21 +102,12 @@ class TrainVQAConfig(Recipe):
         _check(self.text_heads % self.text_kv_heads == 0, "text_heads must be a multiple of text_kv_heads")
         _check(self.vision_layers >= 2, "vision_layers must be >= 2 (the features are the second-to-last layer's)")
         _check(self.text_layers >= 3, "text_layers must be >= 3 (VAR acts on layers 2..L-2)")
-        for name in ("epochs", "lr", "beta2"):
-            _check(isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0,
-                   f"{name} must be > 0, got {getattr(self, name)!r}")
+        check_fields(self, positive=("epochs", "lr", "beta2"))
         _check(self.beta2 < 1, f"beta2 must be < 1, got {self.beta2}")
-        for name in ("weight_decay", "grad_clip"):
-            _check(isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0,
-                   f"{name} must be >= 0, got {getattr(self, name)!r}")
-        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
-        _check(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}")
+        check_fields(self, nonnegative=("weight_decay", "grad_clip"), fractions=("min_lr_ratio",),
+                     optional_ints_ge1=("max_steps", "eval_limit", "limit"), flags=("flip", "cpu"))
+        check_mixed_precision(self.mixed_precision)
         _check(self.time_budget is None or self.time_budget > 0, "time_budget must be None or > 0 seconds")
-        for name in ("max_steps", "eval_limit", "limit"):
-            v = getattr(self, name)
-            _check(v is None or (_is_int(v) and v >= 1), f"{name} must be None or an integer >= 1, got {v!r}")
-        for name in ("flip", "cpu"):
-            _check(isinstance(getattr(self, name), bool), f"{name} must be true or false")
 
     @property
     def image_tokens(self) -> int:

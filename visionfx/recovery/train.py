@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionfx.recovery.config import MIXED_PRECISION, Recipe, _check, _is_int
+from visionfx.recovery.config import Recipe, _check, check_fields, check_mixed_precision
 from visionfx.recovery.data import GpuAugment, ImageData, _seed
 from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, budgeted_training, evaluate, make_accelerator,
                                       param_groups)
@@ -80,25 +80,18 @@ class TrainConfig(Recipe):
     cpu: bool = False
 
     def __post_init__(self):
-        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "batch_size", "eval_batch_size",
-                     "calibrate_steps"):
-            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
-                   f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        check_fields(self,
+                     ints_ge1=("img_size", "patch_size", "embed_dim", "depth", "num_heads", "batch_size",
+                               "eval_batch_size", "calibrate_steps"),
+                     positive=("epochs", "lr", "mlp_ratio"),
+                     nonnegative=("weight_decay", "warmup_epochs", "grad_clip", "mixup_alpha", "cutmix_alpha",
+                                  "eval_every_epochs", "drop_path"),
+                     fractions=("min_lr_ratio", "label_smoothing", "mix_prob"),
+                     optional_ints_ge1=("max_steps",))
         _check(self.embed_dim % self.num_heads == 0, f"embed_dim {self.embed_dim} must be a multiple of num_heads")
         _check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} must be a multiple of patch_size")
-        for name in ("epochs", "lr", "mlp_ratio"):
-            _check(isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0,
-                   f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "warmup_epochs", "grad_clip", "mixup_alpha", "cutmix_alpha", "eval_every_epochs",
-                     "drop_path"):
-            _check(isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0,
-                   f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("min_lr_ratio", "label_smoothing", "mix_prob"):
-            _check(0 <= getattr(self, name) <= 1, f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
-        _check(self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}")
+        check_mixed_precision(self.mixed_precision)
         _check(self.time_budget is None or self.time_budget > 0, "time_budget must be None or > 0 seconds")
-        _check(self.max_steps is None or (_is_int(self.max_steps) and self.max_steps >= 1),
-               f"max_steps must be None or an integer >= 1, got {self.max_steps!r}")
         _check(self.global_pool in ("token", "avg"), f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
 
     def model_kwargs(self, num_classes: int) -> dict:
