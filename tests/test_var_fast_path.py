@@ -2,42 +2,19 @@
 cached padded masks for decoding, sink scores without an fp32 copy of the residual stream.
 
 Oracles: float64 naive formulas, the full-matrix application of :func:`redistribute`, the eager model's weights and
-a no-grad run (for the autograd-safe path). The tiny model and sink injection are those of tests/test_var.py.
+a no-grad run (for the autograd-safe path). The tiny model, sink injection and row oracle are tests/var_support.py's.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import visionfx
-from test_var import D, INJECT, TAU, inject, oracle_row, synthetic
-from tiny_llava import build_llava, llava_batch
 from visionfx.methods import var as var_mod
 from visionfx.methods.var import column_masks, redistribute, sink_scores
 from visionfx.patches.llava import get_handle
-
-TEXTS = [([5, 6], [7, 8, 9, 10]), ([5, 6, 9, 10, 11], [7, 3, 4])]
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return build_llava(attn_implementation="eager")
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return llava_batch(TEXTS)
-
-
-@pytest.fixture
-def cleanup(llava):
-    hooks = []
-    yield hooks.append
-    for h in hooks:
-        h.remove()
-    if visionfx.is_patched(llava):
-        visionfx.unpatch(llava)
+from var_support import D, INJECT, TAU, inject, oracle_row, synthetic
+from var_support import batch, cleanup, llava  # noqa: F401 (pytest fixtures, used by name)
 
 
 def test_sink_scores_against_naive_formula():
