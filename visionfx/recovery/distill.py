@@ -33,8 +33,8 @@ from torch import nn
 from visionfx.recovery.attention_transfer import AttentionTransferLoss, transfer_parameters
 from visionfx.recovery.config import DistillConfig
 from visionfx.recovery.data import GpuAugment, ImageData, _seed, load_image_data, tensor_data
-from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, evaluate, latest_checkpoint, make_accelerator,
-                                      param_groups, save_checkpoint, sync_gradients)
+from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, evaluate, latest_checkpoint, param_groups,
+                                      save_checkpoint, start_run, sync_gradients)
 from visionfx.recovery.finetune import DistillationLoss, freeze_teacher, prepbn_norms, recalibrate
 from visionfx.recovery.lora import add_lora, merge_lora
 
@@ -227,7 +227,6 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
         :class:`DistillResult`; ``result.model`` is ``model``, patched and trained in place, in eval mode.
     """
     import visionfx
-    from accelerate.utils import set_seed
 
     if isinstance(config, DistillConfig):
         cfg = config.replace(**{k: v for k, v in overrides.items() if v is not None}) if overrides else config
@@ -242,11 +241,7 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
     data = _as_data(data)
     if mean is not None or std is not None:
         data = dataclasses.replace(data, mean=tuple(mean or data.mean), std=tuple(std or data.std))
-    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.cpu)
-    set_seed(cfg.seed)
-    if acc.device.type == "cuda":  # fp32 matmuls (outside autocast) may use TF32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    acc = start_run(cfg.mixed_precision, cfg.grad_accum, cfg.cpu, cfg.seed)
     data = data.to(acc.device)
     output_dir = None if output_dir is None else Path(output_dir)
     found = latest_checkpoint(output_dir) if resume else None

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from visionfx.recovery.config import Recipe, _check, check_fields, check_mixed_precision
 from visionfx.recovery.easy_vqa_data import BOS, EOS, IMAGE, PAD, EasyVQA, VqaAugment, VqaSplit, build_processor, \
     normalize_images
-from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, budgeted_training, make_accelerator,
-                                      param_groups)
+from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, budgeted_training, device_name,
+                                      param_groups, start_run)
 
 __all__ = ["TrainVQAConfig", "build_llava_config", "build_model", "train_easy_vqa", "evaluate_vqa", "generate_batch"]
 
@@ -236,14 +236,9 @@ def train_easy_vqa(config: TrainVQAConfig, data: EasyVQA | str | os.PathLike,
         ``{"model", "processor", "data", "accuracy", "by_category", "steps", "planned_steps", "seconds",
         "gpu_seconds", "examples", "device"}``; the model is in eval mode on the training device.
     """
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    acc = make_accelerator(config.mixed_precision, 1, config.cpu)
-    set_seed(config.seed)
-    if acc.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    acc = start_run(config.mixed_precision, 1, config.cpu, config.seed)
     if not isinstance(data, EasyVQA):
         data = EasyVQA(data, image_tokens=config.image_tokens, limit=config.limit)
     if data.image_tokens != config.image_tokens:
@@ -301,7 +296,7 @@ def train_easy_vqa(config: TrainVQAConfig, data: EasyVQA | str | os.PathLike,
     summary = {"accuracy": ev["accuracy"], "by_category": ev["by_category"], "test_questions": ev["count"],
                "steps": step, "planned_steps": planned, "seconds": clock.seconds,
                "gpu_seconds": clock.seconds * acc.num_processes, "examples": examples,
-               "device": torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else acc.device.type}
+               "device": device_name(acc.device)}
     log.stage("train").update(summary)
     log.write(acc)
     processor = build_processor(tok, config.image_size, config.patch_size)

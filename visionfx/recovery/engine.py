@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["make_accelerator", "WarmupCosine", "param_groups", "evaluate", "StageClock", "RunLog",
+__all__ = ["make_accelerator", "start_run", "device_name", "WarmupCosine", "param_groups", "evaluate", "StageClock", "RunLog",
            "save_checkpoint", "latest_checkpoint", "sync_gradients", "synchronize", "kd_loss", "budgeted_training"]
 
 
@@ -48,6 +48,25 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, cpu: bo
             raise
         AcceleratorState._reset_state(reset_partial_state=True)
         return Accelerator(**kwargs)
+
+
+def start_run(mixed_precision: str, grad_accum: int, cpu: bool, seed: int):
+    """The accelerator of a training run (:func:`make_accelerator`), with every RNG seeded and, on CUDA, TF32 allowed
+    for the fp32 matmuls outside autocast."""
+    from accelerate.utils import set_seed
+
+    acc = make_accelerator(mixed_precision, grad_accum, cpu)
+    set_seed(seed)
+    if acc.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return acc
+
+
+def device_name(device) -> str:
+    """The GPU's name on CUDA, else the device type (``"cpu"``)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 class WarmupCosine:

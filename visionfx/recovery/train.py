@@ -31,8 +31,8 @@ from torch import nn
 
 from visionfx.recovery.config import Recipe, _check, check_fields, check_mixed_precision
 from visionfx.recovery.data import GpuAugment, ImageData, _seed
-from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, budgeted_training, evaluate, make_accelerator,
-                                      param_groups)
+from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, budgeted_training, device_name, evaluate,
+                                      param_groups, start_run)
 
 __all__ = ["TrainConfig", "build_reference_model", "train_reference", "load_reference", "REFERENCE_FORMAT"]
 
@@ -130,15 +130,9 @@ def train_reference(config: TrainConfig, data: ImageData, output_dir: str | os.P
     Returns:
         the checkpoint dict (see the module docstring), ``model`` (the trained module, eval mode) added.
     """
-    from accelerate.utils import set_seed
-
     if data.classes is None:
         raise ValueError("training the reference model needs labelled data with classes")
-    acc = make_accelerator(config.mixed_precision, 1, config.cpu)
-    set_seed(config.seed)
-    if acc.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    acc = start_run(config.mixed_precision, 1, config.cpu, config.seed)
     data = data.to(acc.device)
     model = build_reference_model(config, len(data.classes))
     per_epoch = data.train.batches_per_epoch(config.batch_size, acc.num_processes)
@@ -190,17 +184,10 @@ def train_reference(config: TrainConfig, data: ImageData, output_dir: str | os.P
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "classes": list(data.classes), "mean": list(data.mean), "std": list(data.std), "top1": top1,
         "seconds": clock.seconds, "gpu_seconds": clock.seconds * acc.num_processes, "steps": step, "images": images,
-        "config": config.to_dict(), "device": _device_name(acc.device),
+        "config": config.to_dict(), "device": device_name(acc.device),
     }
     if out is not None and acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(ckpt, out / "reference.pt")
     acc.wait_for_everyone()
     return {**ckpt, "model": model.eval()}
-
-
-def _device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
