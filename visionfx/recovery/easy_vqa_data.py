@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["SPECIALS", "PAD", "BOS", "EOS", "UNK", "IMAGE", "CHAT_TEMPLATE", "IMAGE_MEAN", "IMAGE_STD", "VqaSplit",
            "EasyVQA", "read_easy_vqa", "build_tokenizer", "build_processor", "format_prompt", "VqaAugment",
