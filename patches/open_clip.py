@@ -234,8 +234,7 @@ class OpenClipAdapter(Adapter):
 
     def wrap(self, host, mixer, layout):
         cls = OpenClipPatchedAttention if isinstance(host, nn.MultiheadAttention) else OpenClipCustomPatchedAttention
-        # a new module starts in training mode; keep the host's (and give it back on unpatch: MHA's eval fast path)
-        return cls(host, mixer, layout).train(host.training)
+        return cls(host, mixer, layout)  # the adapter base gives it the host's training mode
 
     def norm_sites(self, model, config=None):
         prefix, tower = self._tower(model)
