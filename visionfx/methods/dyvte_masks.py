@@ -19,6 +19,11 @@ def block_mask(image: torch.Tensor, exited: torch.Tensor, q_len: int) -> torch.T
     return image[:, None, None, :] & ~q_img[:, None, :, None] & exited[:, None, None, None]
 
 
+def _causal(q_len: int, s_len: int, device) -> torch.Tensor:
+    """``[Q, S]`` bool: the last ``q_len`` of ``s_len`` positions each see the keys up to themselves."""
+    return (torch.arange(q_len, device=device)[:, None] + (s_len - q_len)) >= torch.arange(s_len, device=device)
+
+
 def _to_format(allowed: torch.Tensor, float_dtype: torch.dtype | None) -> torch.Tensor:
     if float_dtype is None:
         return allowed
@@ -31,8 +36,7 @@ def apply_block(mask: torch.Tensor | None, block: torch.Tensor, float_dtype: tor
     ``float_dtype``: the format to build when ``mask`` is ``None`` (``None``: bool, as SDPA takes)."""
     B, _, Q, S = block.shape
     if mask is None:
-        causal = (torch.arange(Q, device=block.device)[:, None] + (S - Q)) >= torch.arange(S, device=block.device)
-        return _to_format(causal.expand(B, 1, Q, S) & ~block, float_dtype)
+        return _to_format(_causal(Q, S, block.device).expand(B, 1, Q, S) & ~block, float_dtype)
     if mask.dim() != 4:
         raise NotImplementedError("the DyVTE virtual exit needs a 4-D attention mask (eager or SDPA); FlashAttention "
                                   "cannot express per-sample columns: use batch_policy='last' or batch size 1")
@@ -60,8 +64,7 @@ def gather_mask(mask, rows: torch.Tensor | None, cols: torch.Tensor, col_valid: 
         if float_dtype == "2d":
             return col_valid.long()
         Mq = rows.shape[1] if rows is not None else 1
-        causal = (torch.arange(Mq, device=cols.device)[:, None] + (Mk - Mq)) >= torch.arange(Mk, device=cols.device)
-        return _to_format(causal.expand(B, 1, Mq, Mk) & col_valid[:, None, None, :], float_dtype)
+        return _to_format(_causal(Mq, Mk, cols.device).expand(B, 1, Mq, Mk) & col_valid[:, None, None, :], float_dtype)
     if mask.dim() == 2:
         m = mask.gather(1, cols.to(mask.device))
         return m if col_valid is None else m * col_valid.to(m.dtype)
