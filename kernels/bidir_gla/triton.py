@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from visionfx.kernels._triton_host import device_sm_count, token_layout_output
 from visionfx.kernels.bidir_gla._triton_kernels import _bwd_out, _fwd_out, _state_pass
 
 __all__ = ["bidir_gla_triton"]
@@ -100,7 +101,7 @@ def _same_layout(*ts):
 def _state_blocks(n_programs, bk, bv, device):
     """Split the ``[bk, bv]`` state into blocks until the state pass has a few programs per SM (or blocks reach
     STATE_MIN_BLOCK): its programs walk the sequence serially, so for small ``B·H`` parallelism comes from here."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = device_sm_count(device) if device.type == "cuda" else 132
     bks, bvs = bk, bv
     while n_programs * (bk // bks) * (bv // bvs) < 4 * sms:
         if bvs >= bks and bvs > STATE_MIN_BLOCK:
@@ -153,8 +154,7 @@ def _fwd_chunked(q, k, v, gf, gb, scale):
         q, k, v = _same_layout(q, k, v)
     gates = _gates(gf, gb)
     states = _chunked_states(k, v, k, v, gates, 1)
-    B, H, N, _ = q.shape
-    out = q.new_empty((B, N, H, v.shape[-1]))
+    out = token_layout_output(q, v.shape[-1])
     grid, args, meta = _out_args(q, v, gates, scale, False)
     _fwd_out[grid](q, k, v, gates[0], states, out, *args, out.stride(0), out.stride(2), out.stride(1), **meta)
     return out
@@ -363,14 +363,17 @@ def _gla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Ten
 
 @_gla_fwd_op.register_fake
 def _(q, k, v, gf, gb, scale, impl):
-    B, H, N, _ = q.shape
-    return q.new_empty((B, N, H, v.shape[-1]))
+    return token_layout_output(q, v.shape[-1])
+
+
+def _bwd(do, q, k, v, gf, gb, scale, impl):
+    return _impl(impl)[1](do, q, k, v, gf, gb, scale)
 
 
 @torch.library.custom_op("visionfx::bidir_gla_bwd", mutates_args=())
 def _gla_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gf: torch.Tensor,
                 gb: torch.Tensor, scale: float, impl: str) -> list[torch.Tensor]:
-    return list(_impl(impl)[1](do, q, k, v, gf, gb, scale))
+    return list(_bwd(do, q, k, v, gf, gb, scale, impl))
 
 
 @_gla_bwd_op.register_fake
@@ -387,10 +390,15 @@ def _setup(ctx, inputs, output):
     ctx.impl = impl
 
 
-def _backward_rule(ctx, do):
+def _grads(ctx, do, backward):
+    """The inputs' gradients through ``backward`` (the custom op when compiled, the implementation in eager mode)."""
     q, k, v, gf, gb = ctx.saved_tensors
-    dq, dk, dv, dgf, dgb = _gla_bwd_op(do, q, k, v, gf, gb, ctx.scale, ctx.impl)
+    dq, dk, dv, dgf, dgb = backward(do, q, k, v, gf, gb, ctx.scale, ctx.impl)
     return dq, dk, dv, dgf.to(gf.dtype), dgb.to(gb.dtype), None, None
+
+
+def _backward_rule(ctx, do):
+    return _grads(ctx, do, _gla_bwd_op)
 
 
 _gla_fwd_op.register_autograd(_backward_rule, setup_context=_setup)
@@ -402,15 +410,12 @@ class _EagerBidirGLA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, gf, gb, scale, impl):
-        ctx.save_for_backward(q, k, v, gf, gb)
-        ctx.scale, ctx.impl = scale, impl
+        _setup(ctx, (q, k, v, gf, gb, scale, impl), None)
         return _impl(impl)[0](q, k, v, gf, gb, scale)
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, gf, gb = ctx.saved_tensors
-        dq, dk, dv, dgf, dgb = _impl(ctx.impl)[1](do, q, k, v, gf, gb, ctx.scale)
-        return dq, dk, dv, dgf.to(gf.dtype), dgb.to(gb.dtype), None, None
+        return _grads(ctx, do, _bwd)
 
 
 def bidir_gla_triton(q, k, v, gf, gb, *, scale, chunk_size=64, impl=None):

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from visionfx.kernels._triton_host import sm_count as _sm_count
+from visionfx.kernels._triton_host import token_layout_output as _new_output
 from visionfx.kernels.linear_attention import _triton_kernels as K
 from visionfx.kernels.linear_attention import MAX_HEAD_DIM, supports
 from visionfx.kernels.linear_attention.reference import FEATURES, NORMALIZERS
@@ -59,11 +61,6 @@ _FORCE_CHUNK: Optional[int] = None
 
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _plan(bh: int, n: int, device: torch.device) -> tuple[int, int]:
@@ -132,14 +129,6 @@ def _flags(q, feature, normalizer, key_weights, cos):
         HAS_ROPE=cos is not None, Q_EXACT=plain, K_EXACT=plain and key_weights is None, V_EXACT=exact_in,
         LOWP=lowp, LP=_LP, BLOCK_D=_block_d(q.shape[-1]),
     )
-
-
-def _new_output(q):
-    """The output in token layout, ``[B, N, H, D]``: the kernels write its ``[B, H, N, D]`` view, and callers get that
-    view back (made outside any autograd Function, so that in-place updates of it stay legal), whose heads merge
-    without a copy (``o.transpose(1, 2).reshape(B, N, H * D)``)."""
-    B, H, N, D = q.shape
-    return q.new_empty((B, N, H, D))
 
 
 def _zeros_pair(bh: int, bd: int, device) -> tuple[torch.Tensor, torch.Tensor]:
