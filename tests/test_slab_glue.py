@@ -1,5 +1,5 @@
-"""The PyTorch parts around the ops (slab's helpers, used by slab, inline, rala and agent) against float64 loops, and
-the patched layers on the Triton path (interpreted on CPU) against the reference path.
+"""The PyTorch parts around the ops (visionfx.methods.patch_rows, used by slab, inline, rala and agent) against float64
+loops, and the patched layers on the Triton path (interpreted on CPU) against the reference path.
 
 Layout contract checked here: the ops return ``[B, h, N, d]`` views of token-layout memory, the mixers keep it (so
 the heads merge without a copy) and add their local terms without concatenating full-size tensors.
@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import visionfx
 from families import FAMILIES
 from visionfx.methods.agent import bias_basis, pooling_matrix
-from visionfx.methods.slab import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
+from visionfx.methods.patch_rows import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
 
 F64 = torch.float64
 

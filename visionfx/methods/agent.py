@@ -28,12 +28,12 @@ Differences from the official code, and choices the paper leaves open:
 * ``attn_drop`` is the host's dropout probability at patch time, applied to both probability matrices in training.
 * Biases are added in fp32 but stored in the host's dtype (the adapter places the module like its host).
 * Pooling and bias resampling run as matrix products with constant per-grid matrices built on the device and cached
-  (:func:`~visionfx.methods.slab.grid_constant`): the agents are ``P Q_patch`` with ``P [n, H·W]`` holding
+  (:func:`~visionfx.methods.patch_rows.grid_constant`): the agents are ``P Q_patch`` with ``P [n, H·W]`` holding
   ``1/|bin|`` over each adaptive-pooling bin (PyTorch's bin bounds; in the inputs' dtype, so half-precision inputs
   see ``1/|bin|`` rounded to that dtype), and each bias is one product of its parameters (base map, row and column
   factors, prefix entries, side by side) with the stacked interpolation matrix ``T [K, N]``. Equal to the pooling
   and interpolation above up to rounding.
-* The DWC runs channels-last on the token layout (:func:`~visionfx.methods.slab.depthwise_conv_patch_rows`) and is
+* The DWC runs channels-last on the token layout (:func:`~visionfx.methods.patch_rows.depthwise_conv_patch_rows`) and is
   added in place to the op's output when autograd does not need it (the Triton op keeps its output for the
   backward), else as a zero-prefix term in one addition; the V shortcut is one fused ``o + λ·v``.
 * AgentSD's ToMe-cluster agents (``agent_source="merge"`` in METHODS.md §2.4) are not implemented: ``agentsd`` uses
@@ -51,7 +51,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
-from visionfx.methods.slab import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
+from visionfx.methods.patch_rows import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
 from visionfx.registry import MethodSpec
 
 __all__ = ["AgentConfig", "AgentSDConfig", "AgentAttention", "agent_grid", "resize_linear", "resize_bilinear"]

@@ -24,9 +24,9 @@ Decisions where the paper and official code are silent (METHODS.md §12, items 7
   official code does; the grid comes from the model, never from ``int(sqrt(N))``.
 
 Memory traffic: the convolution runs channels-last on ``[1, H, W, B·C]`` memory (one copy of V's patch rows with
-contiguous channel runs, no NCHW transposes; :func:`~visionfx.methods.slab.depthwise_conv_patch_rows`) and is added
-in place to the patch rows of the op's output (the op keeps only its inputs for the backward), whose token layout
-lets the heads merge without a copy. The predictor's grouped 1×1 convolutions run as batched matrix products on the
+contiguous channel runs, no NCHW transposes; :func:`~visionfx.methods.patch_rows.depthwise_conv_patch_rows`) and is
+added in place to the patch rows of the op's output (the op keeps only its inputs for the backward), whose token
+layout lets the heads merge without a copy. The predictor's grouped 1×1 convolutions run as batched matrix products on the
 same parameters (one launch each instead of a convolution with layout conversions).
 """
 
@@ -40,7 +40,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig, suggest
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
-from visionfx.methods.slab import add_to_patch_rows, depthwise_conv_patch_rows
+from visionfx.methods.patch_rows import add_to_patch_rows, depthwise_conv_patch_rows
 from visionfx.registry import MethodSpec
 
 __all__ = ["InlineConfig", "InlineAttention", "INLINE_KERNELS"]

@@ -23,13 +23,13 @@ Decisions where the paper and official code are silent (METHODS.md §12, items 9
   gate see.
 * RoPE tables are built for the current grid (``layout.grid``) in fp32 (float64 for float64 inputs) on the inputs'
   device (no host-to-device copy, so CUDA graphs can capture the layer) and cached per grid in eager mode
-  (:func:`~visionfx.methods.slab.grid_constant`). RoPE needs ``d % 4 == 0`` (checked at construction);
+  (:func:`~visionfx.methods.patch_rows.grid_constant`). RoPE needs ``d % 4 == 0`` (checked at construction);
   ``rope=False`` lifts that requirement.
 * α and the features it uses are computed in fp32 (float64 stays float64); the logits ``s·(ELU(k)·q̄ + Σ q̄)``,
   ``q̄ = mean ELU(q) + 1``, are one batched product of ELU(k) in the token layout with a block-diagonal ``q̄``.
 
 Memory traffic: LePE (and CPE) run channels-last on the token layout
-(:func:`~visionfx.methods.slab.depthwise_conv_patch_rows`); LePE is added in place to the patch rows of the op's
+(:func:`~visionfx.methods.patch_rows.depthwise_conv_patch_rows`); LePE is added in place to the patch rows of the op's
 output (the op keeps only its inputs), CPE as a zero-prefix term added once, never by concatenation.
 """
 
@@ -43,7 +43,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
-from visionfx.methods.slab import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
+from visionfx.methods.patch_rows import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
 from visionfx.registry import MethodSpec
 
 __all__ = ["RalaConfig", "RalaAttention", "rala_key_weights", "rope_tables"]

@@ -14,8 +14,8 @@ Memory traffic: the position term is padded with zero rows for the prefix tokens
 concatenation); the DWC runs channels-last on the patch rows of V (``[B, H, W, h·d]``, the token layout) with the
 head-shared kernel repeated per head (``groups = h·d``), and its result is added in place to the patch rows of the
 op's output, which the op does not keep for its backward. The Triton op writes its output in the token layout, so
-the heads merge without a copy. :func:`depthwise_conv_patch_rows`, :func:`add_to_patch_rows` and
-:func:`grid_constant` serve the other mixers too.
+the heads merge without a copy. :mod:`visionfx.methods.patch_rows` holds these helpers (re-exported here), which
+the other mixers share.
 
 ``norm="prepbn"`` also replaces the model's LayerNorms by PRepBN (METHODS.md §6, :mod:`visionfx.methods.prepbn`):
 the config then carries the schedule length ``prepbn_steps`` (required: about 0.8 x the planned training iterations)
@@ -33,6 +33,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig, suggest
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
+from visionfx.methods.patch_rows import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
 from visionfx.methods.prepbn import PRepBNConfig, missing_steps_message
 from visionfx.registry import MethodSpec
 
@@ -107,75 +108,6 @@ def resample_grid_param(p: torch.Tensor, src: tuple[int, int], dst: tuple[int, i
     kwargs = {"antialias": True, "align_corners": False} if mode in ("bicubic", "bilinear") else {}
     grid = F.interpolate(grid, size=tuple(dst), mode=mode, **kwargs)
     return grid.permute(0, 2, 3, 1).reshape(1, dst[0] * dst[1], C).to(p.dtype)
-
-
-_GRID_CONSTANTS: dict = {}
-_GRID_CONSTANTS_MAX = 64
-
-
-def grid_constant(key: tuple, build):
-    """``build()``, cached under ``key`` in eager mode: tensors that depend only on the token grid (tables, pooling or
-    interpolation matrices), never on parameters. ``key`` must name everything ``build`` depends on, device and dtype
-    included. Under ``torch.compile`` the tensor is built in the graph instead (no side effects to trace). Built
-    outside inference mode, so that autograd may save it; on CUDA, run one eager forward before capturing a graph."""
-    if torch.compiler.is_compiling():
-        return build()
-    t = _GRID_CONSTANTS.get(key)
-    if t is None:
-        if len(_GRID_CONSTANTS) >= _GRID_CONSTANTS_MAX:
-            _GRID_CONSTANTS.clear()
-        with torch.inference_mode(False), torch.no_grad():
-            t = _GRID_CONSTANTS[key] = build()
-    return t
-
-
-def depthwise_conv_patch_rows(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                              grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
-    """Depthwise ``k×k`` convolution (zero padding ``k // 2``) of the patch rows of ``v`` over the grid, channels-last.
-
-    Args:
-        v: ``[B, h, N, d]``, any strides (e.g. a view of a packed qkv); channel ``g·d + e`` is head ``g``,
-            column ``e``.
-        weight: ``[h·d, 1, k, k]`` (shared by the batch) or ``[B, h·d, k, k]`` (one kernel per sample and channel).
-        bias: ``[h·d]`` or ``None``.
-        grid: ``(H, W)`` with ``H·W = N − num_prefix_tokens``.
-    Returns:
-        ``[B, h, H·W, d]`` in the dtype of ``v``, a view of token-layout memory (``[B, H·W, h, d]``, or
-        ``[H·W, B, h, d]`` for per-sample kernels), so that adding it to a token-layout output reads it coalesced.
-
-    The input is read once into a dense channels-last copy (the only copy): ``[B, H, W, h·d]`` for shared kernels;
-    per-sample kernels fold the batch into the channels (``groups = B·h·d``) over ``[1, H, W, B·h·d]`` memory, a
-    copy with contiguous channel runs instead of an NCHW transpose.
-    """
-    B, h, N, d = v.shape
-    P0, (H, W) = num_prefix_tokens, grid
-    C, ks = h * d, weight.shape[-1]
-    tok = v[:, :, P0:].transpose(1, 2).reshape(B, H * W, C)  # a view for every qkv layout we meet
-    if weight.dim() == 4 and weight.shape[1] == 1 and weight.shape[0] == C:
-        x = tok.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        y = F.conv2d(x, weight, bias, padding=ks // 2, groups=C)  # [B, C, H, W]
-        return y.permute(0, 2, 3, 1).reshape(B, H * W, h, d).transpose(1, 2)
-    kern = weight.reshape(B * C, 1, ks, ks)
-    x = tok.transpose(0, 1).contiguous().view(1, H, W, B * C).permute(0, 3, 1, 2)  # [1, B·C, H, W] channels-last
-    y = F.conv2d(x, kern, None if bias is None else bias.repeat(B), padding=ks // 2, groups=B * C)
-    return y.permute(0, 2, 3, 1).reshape(H * W, B, h, d).permute(1, 2, 0, 3)
-
-
-def add_to_patch_rows(o: torch.Tensor, local: torch.Tensor, num_prefix_tokens: int, inplace: bool) -> torch.Tensor:
-    """``o`` with ``local`` added to its patch rows: ``o [B, h, N, d]``, ``local [B, h, N − P0, d]``; prefix rows
-    unchanged; the result has the dtype of ``o`` (the sum is computed in the promoted dtype and rounded once).
-
-    ``inplace=True`` adds into ``o`` (one pass; only where autograd does not keep ``o``, e.g. the output of an op
-    that saves its inputs only). Otherwise ``local`` is padded with zero prefix rows in the token layout and added
-    once, so the result keeps ``o``'s layout without concatenating full-size tensors.
-    """
-    P0 = num_prefix_tokens
-    if inplace:
-        o[:, :, P0:].add_(local)  # not ``+=`` on a slice, which writes the slice back with a copy
-        return o
-    B, h, N, d = o.shape
-    pad = F.pad(local.transpose(1, 2).reshape(B, N - P0, h * d), (0, 0, P0, 0)).view(B, N, h, d).transpose(1, 2)
-    return torch.add(o, pad).to(o.dtype)
 
 
 class SlabAttention(TokenMixer):
