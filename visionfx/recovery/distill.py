@@ -33,7 +33,7 @@ from torch import nn
 from visionfx.recovery.attention_transfer import AttentionTransferLoss, transfer_parameters
 from visionfx.recovery.config import DistillConfig
 from visionfx.recovery.data import GpuAugment, ImageData, _seed, load_image_data, tensor_data
-from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, evaluate, latest_checkpoint, param_groups,
+from visionfx.recovery.engine import (RunLog, StageClock, adamw_warmup_cosine, evaluate, latest_checkpoint,
                                       save_checkpoint, start_run, sync_gradients)
 from visionfx.recovery.finetune import DistillationLoss, freeze_teacher, prepbn_norms, recalibrate
 from visionfx.recovery.lora import add_lora, merge_lora
@@ -196,8 +196,8 @@ def _plain(v: torch.Tensor):
 
 
 def _optimiser(named, lr, weight_decay, warmup, steps, added_lr_mult=1.0):
-    opt = torch.optim.AdamW(param_groups(named, lr, weight_decay, added_lr_mult), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(steps, round(warmup * steps)))
+    opt, _, sched = adamw_warmup_cosine(named, lr, weight_decay, steps, round(warmup * steps),
+                                        added_lr_mult=added_lr_mult)
     return opt, sched
 
 

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from visionfx.recovery.config import Recipe, _check, check_fields, check_mixed_precision
 from visionfx.recovery.easy_vqa_data import BOS, EOS, IMAGE, PAD, EasyVQA, VqaAugment, VqaSplit, build_processor, \
     normalize_images
-from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, budgeted_training, device_name,
-                                      param_groups, start_run)
+from visionfx.recovery.engine import (RunLog, StageClock, adamw_warmup_cosine, budgeted_training, device_name,
+                                      start_run)
 
 __all__ = ["TrainVQAConfig", "build_llava_config", "build_model", "train_easy_vqa", "evaluate_vqa", "generate_batch"]
 
@@ -252,10 +252,8 @@ def train_easy_vqa(config: TrainVQAConfig, data: EasyVQA | str | os.PathLike,
     if config.max_steps is not None:
         planned = min(planned, config.max_steps)
     warmup = min(config.warmup_steps, planned // 2)
-    opt = torch.optim.AdamW(param_groups(model.named_parameters(), config.lr, config.weight_decay), lr=config.lr,
-                            betas=(0.9, config.beta2))
-    schedule = WarmupCosine(planned, warmup, config.min_lr_ratio)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    opt, schedule, sched = adamw_warmup_cosine(model.named_parameters(), config.lr, config.weight_decay, planned,
+                                               warmup, config.min_lr_ratio, betas=(0.9, config.beta2))
     model_p, opt, sched = acc.prepare(model, opt, sched)
     augment = VqaAugment(config.translate, config.flip, seed=config.seed + 1)
     out = None if output_dir is None else Path(output_dir)

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["make_accelerator", "start_run", "device_name", "WarmupCosine", "param_groups", "evaluate", "StageClock", "RunLog",
-           "save_checkpoint", "latest_checkpoint", "sync_gradients", "synchronize", "kd_loss", "budgeted_training"]
+__all__ = ["make_accelerator", "start_run", "device_name", "WarmupCosine", "param_groups", "adamw_warmup_cosine",
+           "evaluate", "StageClock", "RunLog", "save_checkpoint", "latest_checkpoint", "sync_gradients", "synchronize",
+           "kd_loss", "budgeted_training"]
 
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, cpu: bool = False):
@@ -96,6 +97,15 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_de
         groups.setdefault((decay, added), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (added_lr_mult if added else 1)}
             for (decay, added), ps in groups.items()]
+
+
+def adamw_warmup_cosine(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, total: int,
+                        warmup: int, floor: float = 0.0, added_lr_mult: float = 1.0, betas=(0.9, 0.999)):
+    """``(optimiser, schedule, scheduler)``: AdamW over :func:`param_groups` and a ``LambdaLR`` following
+    ``WarmupCosine(total, warmup, floor)`` (the schedule is returned too: the time budget may shorten it)."""
+    opt = torch.optim.AdamW(param_groups(named, lr, weight_decay, added_lr_mult), lr=lr, betas=betas)
+    schedule = WarmupCosine(total, warmup, floor)
+    return opt, schedule, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
 def synchronize(device) -> None:

@@ -31,8 +31,8 @@ from torch import nn
 
 from visionfx.recovery.config import Recipe, _check, check_fields, check_mixed_precision
 from visionfx.recovery.data import GpuAugment, ImageData, _seed
-from visionfx.recovery.engine import (RunLog, StageClock, WarmupCosine, budgeted_training, device_name, evaluate,
-                                      param_groups, start_run)
+from visionfx.recovery.engine import (RunLog, StageClock, adamw_warmup_cosine, budgeted_training, device_name,
+                                      evaluate, start_run)
 
 __all__ = ["TrainConfig", "build_reference_model", "train_reference", "load_reference", "REFERENCE_FORMAT"]
 
@@ -140,9 +140,8 @@ def train_reference(config: TrainConfig, data: ImageData, output_dir: str | os.P
     if config.max_steps is not None:
         planned = min(planned, config.max_steps)
     warmup = min(round(config.warmup_epochs * per_epoch), planned // 2)
-    opt = torch.optim.AdamW(param_groups(model.named_parameters(), config.lr, config.weight_decay), lr=config.lr)
-    schedule = WarmupCosine(planned, warmup, config.min_lr_ratio)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    opt, schedule, sched = adamw_warmup_cosine(model.named_parameters(), config.lr, config.weight_decay, planned,
+                                               warmup, config.min_lr_ratio)
     model_p, opt, sched = acc.prepare(model, opt, sched)
     fwd = torch.compile(model_p) if config.compile else model_p
     augment = GpuAugment(data.mean, data.std, crop_padding=config.crop_padding, flip=config.flip,
