@@ -78,7 +78,8 @@ def test_low_precision_gpu(N, dtype):
 
 
 def test_compile_fullgraph_and_backward():
-    """The kernel is a custom op: a compiled caller has no graph break and matches eager, gradients included."""
+    """The kernel is a custom op: a compiled caller has no graph break and matches eager and the float64 oracle,
+    gradients included (the compiled path runs the custom op, eager the autograd Function)."""
     q, k, v, a, b1, b2 = make(1, 2, 33, 16, 9, True)
     leaves = [t.requires_grad_() for t in (q, k, v, a, b1, b2)]
 
@@ -88,9 +89,14 @@ def test_compile_fullgraph_and_backward():
     eager = f(*leaves)
     compiled = torch.compile(f, fullgraph=True)(*leaves)
     torch.testing.assert_close(compiled, eager)
+    ref = naive(*leaves, 0.25, 0.25) * 2.0
+    assert rel(compiled, ref) < 1e-5
     do = torch.randn_like(eager)
-    for got, want in zip(torch.autograd.grad(compiled, leaves, do), torch.autograd.grad(eager, leaves, do)):
+    g_ref = torch.autograd.grad(ref, leaves, do.double())
+    g_eager = torch.autograd.grad(eager, leaves, do)
+    for got, want, exact in zip(torch.autograd.grad(compiled, leaves, do), g_eager, g_ref):
         torch.testing.assert_close(got, want)
+        assert rel(got, exact) < 1e-5
 
 
 def test_output_accepts_in_place_updates_without_grad_and_keeps_token_layout():

@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 import visionfx.kernels.bidir_gla.triton as kt  # noqa: E402
 from visionfx.kernels.bidir_gla.reference import bidir_gla_reference  # noqa: E402
 from visionfx.kernels.bidir_gla.triton import bidir_gla_triton  # noqa: E402
+from test_kernels_gla import check_low_precision_gpu  # noqa: E402  (the same GPU check, other gates and impls)
 
 
 def naive(q, k, v, gf, gb, scale):
@@ -187,7 +188,9 @@ def test_output_accepts_in_place_updates_under_autograd():
 
 
 def test_chunked_matches_legacy_scan():
+    """The legacy scan agrees with the float64 oracle, and with the chunked kernels."""
     q, k, v, gf, gb = make(1, 1, 17, 16, 16, "moderate", seed=4)
+    check(q, k, v, gf, gb, impl="scan")
     outs, grads = [], []
     for impl in ("chunked", "scan"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, gf, gb)]
@@ -214,20 +217,7 @@ def _cuda(ts, dtype):
 @pytest.mark.parametrize("N", [197, 577, 1025, 4097, 16385])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_gpu_both_impls(N, dtype, impl):
-    B = max(1, 12608 // N)
-    q, k, v, gf, gb = _cuda(make(B, 6, N, 64, 64, "vig-init"), dtype)
-    scale = 64**-0.5
-    leaves = [t.requires_grad_() for t in (q, k, v, gf, gb)]
-    out = bidir_gla_triton(q, k, v, gf, gb, scale=scale, impl=impl)
-    exact = bidir_gla_reference(*(t.double() for t in (q, k, v, gf, gb)), scale=scale)
-    lowp = bidir_gla_reference(q, k, v, gf, gb, scale=scale)  # fp32 states, inputs and output in dtype
-    assert rel(out, exact) <= 2 * rel(lowp, exact) + 1e-3
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, do)
-    want = torch.autograd.grad(bidir_gla_reference(*(t.double() for t in leaves), scale=scale), leaves, do.double())
-    for got, w in zip(grads, want):
-        assert torch.isfinite(got).all()
-        assert rel(got, w) < 2e-2
+    check_low_precision_gpu(*_cuda(make(max(1, 12608 // N), 6, N, 64, 64, "vig-init"), dtype), impl=impl)
 
 
 @pytest.mark.gpu
