@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(ROOT / "configs" / "distill-cifar10.yaml"), help="recovery recipe")
     p.add_argument("--train-config", default=str(ROOT / "configs" / "train-cifar10.yaml"), help="reference recipe")
     p.add_argument("--time-budget", type=float, default=180.0, help="reference training seconds (default 180)")
+    p.add_argument("--budget-share", type=float, default=None,
+                   help="recovery GPU time per mixer as a share of the reference's training time (e.g. 0.048): "
+                        "stage 2 fits its step count to it (default: the recipe's step counts)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every training loop (smoke runs)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of every loop (smoke runs)")
     p.add_argument("--train-set", type=key_value, action="append", default=[], metavar="KEY=VALUE")
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
         print(f"reference: top-1 {trained['top1']}, {trained['steps']} steps, {trained['gpu_seconds']:.1f} GPU s")
         reference = {k: v for k, v in trained.items() if k != "model"}
     results = run_fidelity(reference, data, dcfg, mixers=[m.strip() for m in args.mixers.split(",") if m.strip()],
-                           output_dir=out, progress=progress)
+                           output_dir=out, progress=progress, budget_share=args.budget_share)
     json_path = args.json or out / "fidelity.json"
     write_results(results, json_path, args.md)
     for row in results["rows"]:

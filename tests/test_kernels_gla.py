@@ -90,7 +90,9 @@ def test_low_precision_gpu(N, dtype):
 
 def check_low_precision_gpu(q, k, v, gf, gb, **kw):
     """16-bit inputs on the GPU: the output within twice the error of the reference run in the same dtype (fp32
-    states) against float64, every gradient finite and within 2e-2 of the float64 reference's."""
+    states) against float64; every gradient finite and within 2e-2 of the float64 reference's, or within twice the
+    same-dtype reference's own gradient error (gate gradients sum over the whole sequence and lose digits by
+    cancellation at long N, in the reference as in the kernel)."""
     scale = q.shape[-1] ** -0.5
     leaves = [t.requires_grad_() for t in (q, k, v, gf, gb)]
     out = bidir_gla_triton(q, k, v, gf, gb, scale=scale, **kw)
@@ -100,9 +102,10 @@ def check_low_precision_gpu(q, k, v, gf, gb, **kw):
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, do)
     want = torch.autograd.grad(bidir_gla_reference(*(t.double() for t in leaves), scale=scale), leaves, do.double())
-    for got, w in zip(grads, want):
+    base = torch.autograd.grad(lowp, leaves, do)
+    for got, w, b in zip(grads, want, base):
         assert torch.isfinite(got).all()
-        assert rel(got, w) < 2e-2
+        assert rel(got, w) < max(2e-2, 2 * rel(b, w)), (rel(got, w), rel(b, w))
 
 
 def test_compile_fullgraph_and_backward():

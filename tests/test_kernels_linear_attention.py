@@ -33,14 +33,14 @@ CASES = {
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()  # the float64 oracle runs on the CPU
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float, atol: float = 1e-5) -> bool:
     """Relative L2 error below ``tol``, or every entry within ``atol`` (as flash-linear-attention's tests do: some
     gradients are ~0 by cancellation, e.g. dq with a single token, where a ratio measures only rounding noise)."""
-    return (a.double() - b.double()).abs().max().item() <= atol or rel_err(a, b) < tol
+    return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item() <= atol or rel_err(a, b) < tol
 
 
 def rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -239,6 +239,46 @@ def test_prepbn_schedule_advances_during_stage2():
     assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 2  # recalibrated over 2 batches
 
 
+def test_time_budget_shortens_stage2_and_its_schedules():
+    """A budget too small for the planned steps: stage 2 stops right after calibrating (10 + calibrate_steps steps),
+    and PRepBN's λ schedule ends there instead of at the planned length."""
+    model, data = tiny_vit(), tiny_data()
+    seen = []
+
+    def watch(stage, step):
+        if stage == "stage2":
+            norm = model.blocks[0].norm1
+            seen.append((step, int(norm.vfx_iter), int(norm.vfx_total)))
+
+    res = distill(model, {"method": "slab", "norm": "prepbn"}, data, stage1_steps=1, stage2_steps=30,
+                  time_budget=1e-6, calibrate_steps=2, callback=watch, **SMALL)
+    s2 = res.log["stages"]["stage2"]
+    assert s2["steps"] == s2["budget_steps"] == 12 and s2["planned_steps"] == 30
+    assert s2["images"] == 12 * 8 and [step for step, _, _ in seen] == list(range(1, 13))
+    assert seen[-1][1:] == (0, round(24 * 12 / 30))  # T = 0.8 x 30 forwards, scaled by 12/30; finished
+    assert s2["step_seconds"] > 0 and s2["time_budget"] == 0.0  # stage 1 used the whole budget
+
+
+def test_time_budget_large_enough_keeps_every_step():
+    res = distill(tiny_vit(), "inline", tiny_data(), stage1_steps=1, stage2_steps=14, time_budget=1e6,
+                  calibrate_steps=2, **SMALL)
+    s2 = res.log["stages"]["stage2"]
+    assert s2["steps"] == s2["budget_steps"] == 14 and s2["images"] == 14 * 8
+
+
+def test_prepbn_rescale_schedule_keeps_forwards_already_run():
+    from visionfx.methods.prepbn import LinearNorm, PRepBNConfig
+
+    norm = LinearNorm(PRepBNConfig(total_steps=100), torch.nn.LayerNorm(8), "norm1").train()
+    for _ in range(30):
+        norm(torch.randn(2, 3, 8))
+    assert int(norm.vfx_iter) == 70
+    norm.rescale_schedule(0.5)
+    assert (int(norm.vfx_total), int(norm.vfx_iter)) == (50, 20)
+    norm.rescale_schedule(0.2)
+    assert (int(norm.vfx_total), int(norm.vfx_iter)) == (10, 0)
+
+
 def test_prepbn_explicit_steps_and_reparameterize():
     model, data = tiny_vit(), tiny_data()
     res = distill(model, {"method": "slab", "norm": "prepbn"}, data, stage1_steps=0, stage2_steps=2,

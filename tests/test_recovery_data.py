@@ -255,7 +255,8 @@ def test_fidelity_script_tiny(reference, cache_dir, tmp_path):
     md.write_text("# Page\n\nOther tables stay.\n")
     rc = script.main(["--data", str(ARCHIVE), "--cache-dir", str(cache_dir), "--limit", str(LIMIT),
                       "--reference", str(reference), "--output", str(tmp_path / "fid"), "--md", str(md),
-                      "--mixers", "agentsd,slab", "--max-steps", "1", "--batch-size", "8", "--cpu", "--no-progress"])
+                      "--mixers", "agentsd,slab", "--max-steps", "1", "--batch-size", "8", "--cpu", "--no-progress",
+                      "--budget-share", "0.5"])
     assert rc == 0
     results = json.loads((tmp_path / "fid" / "fidelity.json").read_text())
     rows = {r["mixer"]: r for r in results["rows"]}
@@ -265,7 +266,9 @@ def test_fidelity_script_tiny(reference, cache_dir, tmp_path):
     assert slab["stage1_gpu_seconds"] > 0 and slab["stage2_gpu_seconds"] > 0 and slab["compute_share"] > 0
     page = md.read_text()  # the script rewrites its own marked section only
     assert page.startswith("# Page\n\nOther tables stay.") and page.count("cifar10 fidelity: begin") == 1
-    assert "| slab |" in page
+    assert "| slab |" in page and "as many as fit in a budget of" in page
+    budget = results["distill_config"]["time_budget"]
+    assert results["budget_share"] == 0.5 and budget == pytest.approx(0.5 * results["reference"]["gpu_seconds"])
     assert all(0 <= slab[k] <= 1 for k in ("top1_none", "top1_stage1", "top1_recovered"))
     text = md.read_text()
     assert "| reference (softmax) |" in text and "| slab |" in text and "| agentsd |" in text

@@ -271,6 +271,16 @@ class LinearNorm(nn.Module):
             self.vfx_warm.sub_(warm.long())
         return y
 
+    @torch.no_grad()
+    def rescale_schedule(self, factor: float) -> None:
+        """Stretch the λ schedule to ``factor`` × its length (a training run shortened to fit a time budget): T
+        becomes ``max(1, round(factor·T))`` and the forwards already run keep counting, so λ falls to 0 at the new
+        end (``iter`` = new T − forwards so far, at least 0). The warm-up is left as it is."""
+        total = max(1, round(factor * int(self.vfx_total)))
+        done = int(self.vfx_total) - int(self.vfx_iter)
+        self.vfx_total.fill_(total)
+        self.vfx_iter.fill_(max(0, total - done))
+
     @torch.compiler.disable  # reads the counters once per switch to eval: run it outside any compiled graph
     def check_schedule(self) -> None:
         """Warn (once per switch to eval) if the schedule is unfinished."""

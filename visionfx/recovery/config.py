@@ -154,6 +154,11 @@ class DistillConfig(Recipe):
         start and at the end of each stage); eval_batch_size; eval_at_start: evaluate before stage 1.
         save_every: steps between checkpoints (0: at stage ends only); keep_checkpoints: how many to keep.
         log_every: steps between log records. cpu: run on the CPU even where an accelerator exists.
+    Budget:
+        time_budget: seconds of GPU time (synchronised wall clock × processes, evaluations excluded) for stages 1 and
+            2 together; None: the step counts as given. Stage 2 then runs at most ``stage2_steps``: after 10 +
+            ``calibrate_steps`` steps it times itself and shortens its step count, its cosine schedule and PRepBN's
+            λ schedule (in proportion) to fit what stage 1 left. A slower mixer gets fewer steps, never more time.
     """
 
     stage1_steps: int = 200
@@ -195,13 +200,15 @@ class DistillConfig(Recipe):
     keep_checkpoints: int = 2
     log_every: int = 10
     cpu: bool = False
+    time_budget: float | None = None
+    calibrate_steps: int = 30
 
     def __post_init__(self):
         check_fields(self,
                      ints_ge0=("stage1_steps", "stage2_steps", "lora_rank", "recalibrate_steps", "crop_padding",
                                "eval_every", "save_every", "seed"),
                      ints_ge1=("stage1_batch_size", "stage2_batch_size", "grad_accum", "eval_batch_size",
-                               "keep_checkpoints", "log_every"),
+                               "keep_checkpoints", "log_every", "calibrate_steps"),
                      positive=("stage1_lr", "stage2_lr", "temperature"),
                      nonnegative=("stage1_weight_decay", "stage2_weight_decay", "stage2_added_lr_mult", "kd_weight",
                                   "ce_weight", "grad_clip", "mixup_alpha", "cutmix_alpha"),
@@ -210,6 +217,9 @@ class DistillConfig(Recipe):
         _check(self.finetune in ("all", "added"), f"finetune must be 'all' or 'added', got {self.finetune!r}{hint}")
         check_mixed_precision(self.mixed_precision)
         _check(self.kd_weight > 0 or self.ce_weight > 0, "kd_weight and ce_weight cannot both be 0")
+        _check(self.time_budget is None or (isinstance(self.time_budget, (int, float))
+                                            and not isinstance(self.time_budget, bool) and self.time_budget > 0),
+               f"time_budget must be a number of seconds > 0 or null, got {self.time_budget!r}")
         _check(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
         _check(len(targets) > 0 and all(isinstance(t, str) for t in targets),

@@ -122,9 +122,12 @@ class _Run:
         self.last_saved = (stage, step)
 
     def train(self, stage: str, steps: int, batch_size: int, loss_fn: Callable, model_p, opt, sched, params,
-              augment: GpuAugment, start: int = 0, clock_seconds: float = 0.0, manual_sync: bool = False) -> None:
+              augment: GpuAugment, start: int = 0, clock_seconds: float = 0.0, manual_sync: bool = False,
+              time_budget: float | None = None, on_fit: Callable[[int], None] | None = None) -> None:
         """Optimiser steps ``start..steps`` of ``stage``: micro-batches, accumulation, clipping, logs, evaluations,
-        checkpoints, the callback."""
+        checkpoints, the callback. With ``time_budget`` (seconds of this stage's clock), steps 10 to
+        ``10 + calibrate_steps`` are timed and the step count shrinks (never grows) to fit; ``on_fit(steps)`` then
+        shortens the schedules. The fitted count is logged (``budget_steps``) and kept on resume."""
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.acc
@@ -134,7 +137,10 @@ class _Run:
                                                 rank=acc.process_index, world=acc.num_processes, device=acc.device)
         clock = StageClock(acc.device, clock_seconds)
         summary = self.log.stage(stage)
+        fitted = summary.get("budget_steps") if time_budget is not None else None  # fitted before an interruption
+        steps = fitted or steps
         summary.update(steps=steps, batch_size=batch_size, grad_accum=accum, processes=acc.num_processes)
+        calib_at, calib_t0 = (10, None) if time_budget is not None and not fitted else (None, None)
         bar = tqdm(total=steps, initial=start, desc=stage, disable=not (self.progress and acc.is_local_main_process),
                    dynamic_ncols=True)
         sums: dict[str, torch.Tensor] = {}
@@ -163,6 +169,20 @@ class _Run:
             done = step + 1
             if done == 1:  # includes one-off costs (kernel compilation, autotuning, allocator warm-up)
                 summary["first_step_seconds"] = clock.elapsed()
+            if calib_at is not None and done == calib_at:
+                calib_t0 = clock.elapsed()
+            if calib_t0 is not None and done == calib_at + cfg.calibrate_steps:
+                now = clock.elapsed()
+                per_step = (now - calib_t0) / cfg.calibrate_steps
+                fit = max(done, min(steps, done + int(max(0.0, time_budget - now) / per_step)))
+                summary.update(step_seconds=per_step, budget_steps=fit, planned_steps=steps, time_budget=time_budget)
+                if fit < steps:
+                    steps = fit
+                    summary["steps"] = steps
+                    bar.total = steps
+                    if on_fit is not None:
+                        on_fit(steps)
+                calib_at = calib_t0 = None
             if done % cfg.log_every == 0 or done == steps:
                 record = {k: _plain(v / count) for k, v in sums.items()}
                 record.update(step=done, lr=sched.get_last_lr()[0])
@@ -182,6 +202,8 @@ class _Run:
             bar.update(1)
             if self.callback is not None:
                 self.callback(stage, done)
+            if done >= steps:  # the budget shortened the stage
+                break
         clock.stop()
         bar.close()
         images = steps * accum * batch_size * acc.num_processes
@@ -196,9 +218,8 @@ def _plain(v: torch.Tensor):
 
 
 def _optimiser(named, lr, weight_decay, warmup, steps, added_lr_mult=1.0):
-    opt, _, sched = adamw_warmup_cosine(named, lr, weight_decay, steps, round(warmup * steps),
-                                        added_lr_mult=added_lr_mult)
-    return opt, sched
+    """``(optimiser, schedule, scheduler)``, see :func:`~visionfx.recovery.engine.adamw_warmup_cosine`."""
+    return adamw_warmup_cosine(named, lr, weight_decay, steps, round(warmup * steps), added_lr_mult=added_lr_mult)
 
 
 def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps: int | None = None,
@@ -285,7 +306,8 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
             for p in model.parameters():
                 p.requires_grad_(id(p) in chosen)
             model.eval()
-            opt, sched = _optimiser(named, cfg.stage1_lr, cfg.stage1_weight_decay, cfg.stage1_warmup, cfg.stage1_steps)
+            opt, _, sched = _optimiser(named, cfg.stage1_lr, cfg.stage1_weight_decay, cfg.stage1_warmup,
+                                       cfg.stage1_steps)
             # no DDP wrapper: the layers are called directly, so gradients are averaged by hand (manual_sync)
             model_p = acc.prepare_model(model, evaluation_mode=True)
             opt, sched = acc.prepare(opt, sched)
@@ -310,8 +332,8 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
             p.requires_grad_(added or (cfg.finetune == "all" and trainable_before[id(p)]))
         model.train()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        opt, sched = _optimiser(named, cfg.stage2_lr, cfg.stage2_weight_decay, cfg.stage2_warmup, cfg.stage2_steps,
-                                cfg.stage2_added_lr_mult)
+        opt, schedule, sched = _optimiser(named, cfg.stage2_lr, cfg.stage2_weight_decay, cfg.stage2_warmup,
+                                          cfg.stage2_steps, cfg.stage2_added_lr_mult)
         model_p, opt, sched = acc.prepare(model, opt, sched)
         start, clock = 0, 0.0
         if found and done_order == 2:
@@ -324,8 +346,18 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
         augment = GpuAugment(data.mean, data.std, crop_padding=cfg.crop_padding, flip=cfg.flip,
                              mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, mix_prob=cfg.mix_prob,
                              num_classes=data.num_classes, seed=_seed(cfg.seed, 2))
+        budget = None
+        if cfg.time_budget is not None:  # GPU seconds left after stage 1, as this process's wall clock
+            used = float(log.data["stages"].get("stage1", {}).get("gpu_seconds", 0.0))
+            budget = max(0.0, cfg.time_budget - used) / acc.num_processes
+
+        def fit(steps: int) -> None:
+            schedule.total = steps
+            for norm in prepbn_norms(model):
+                norm.rescale_schedule(steps / cfg.stage2_steps)
+
         run.train("stage2", cfg.stage2_steps, cfg.stage2_batch_size, loss_fn, model_p, opt, sched,
-                  [p for _, p in named], augment, start, clock)
+                  [p for _, p in named], augment, start, clock, time_budget=budget, on_fit=fit)
         model = _release(acc, model_p)
         del model_p, opt, sched, student_fwd, loss_fn
         top1["stage2"] = run.evaluate(model, "stage2", cfg.stage2_steps)

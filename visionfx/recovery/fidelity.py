@@ -81,7 +81,8 @@ def warm_up(reference, mixer, config: DistillConfig) -> float:
 
 
 def run_fidelity(reference: str | os.PathLike | dict, data: ImageData, config: DistillConfig, *,
-                 mixers=MIXERS, output_dir: str | os.PathLike | None = None, progress: bool = True) -> dict:
+                 mixers=MIXERS, output_dir: str | os.PathLike | None = None, progress: bool = True,
+                 budget_share: float | None = None) -> dict:
     """Evaluate and recover each mixer on the reference model; returns the results (see :func:`fidelity_markdown`).
 
     Args:
@@ -90,12 +91,19 @@ def run_fidelity(reference: str | os.PathLike | dict, data: ImageData, config: D
         config: the recovery recipe (step counts, batch sizes, learning rates).
         mixers: method names or YAML recipes.
         output_dir: where each mixer's distill log goes (``<output_dir>/<mixer>/``); None: nowhere.
+        budget_share: give every mixer's recovery ``budget_share`` × the reference's training GPU time
+            (``DistillConfig.time_budget``: stage 2 fits its step count to what stage 1 left); None: the recipe's
+            step counts (and its own ``time_budget``, if any).
     """
     import dataclasses
 
     _, info = load_reference(reference)
     data = dataclasses.replace(data, mean=tuple(info["mean"]), std=tuple(info["std"]))
     ref_gpu = float(info["gpu_seconds"])
+    if budget_share is not None:
+        if not 0 < budget_share <= 1:
+            raise ValueError(f"budget_share must be in (0, 1], got {budget_share}")
+        config = config.replace(time_budget=budget_share * ref_gpu)
     rows = []
     for mixer in mixers:
         name = Path(mixer).stem if str(mixer).endswith((".yaml", ".yml")) else str(mixer)
@@ -115,6 +123,7 @@ def run_fidelity(reference: str | os.PathLike | dict, data: ImageData, config: D
                        top1_recovered=res.top1.get("final") if not free else None,
                        stage1_gpu_seconds=s1.get("gpu_seconds"), stage2_gpu_seconds=s2.get("gpu_seconds"),
                        stage1_images=s1.get("images"), stage2_images=s2.get("images"),
+                       stage2_steps=s2.get("steps"),
                        stage1_skipped=s1.get("skipped"), recovery_gpu_seconds=gpu,
                        compute_share=gpu / ref_gpu if ref_gpu > 0 else None)
             best = row["top1_recovered"] if row["top1_recovered"] is not None else row["top1_none"]
@@ -131,7 +140,7 @@ def run_fidelity(reference: str | os.PathLike | dict, data: ImageData, config: D
     return {"reference": {k: info.get(k) for k in ("timm_model", "model_kwargs", "top1", "seconds", "gpu_seconds",
                                                  "steps", "images", "device", "config")},
             "distill_config": config.to_dict(), "rows": rows, "environment": environment(),
-            "target": {"ratio": TARGET_RATIO, "compute_share": TARGET_SHARE}}
+            "target": {"ratio": TARGET_RATIO, "compute_share": TARGET_SHARE}, "budget_share": budget_share}
 
 
 def _pct(v) -> str:
@@ -140,6 +149,24 @@ def _pct(v) -> str:
 
 def _sec(v) -> str:
     return "-" if v is None else f"{v:.1f} s"
+
+
+def _stage2_steps(cfg: dict) -> str:
+    if cfg.get("time_budget") is None:
+        return f"{cfg['stage2_steps']} steps"
+    return (f"at most {cfg['stage2_steps']} steps: as many as fit in a budget of {cfg['time_budget']:.1f} GPU-seconds "
+            "for stages 1+2 (each mixer's count is in the table)")
+
+
+def _mixing(cfg: dict) -> str:
+    if not (cfg.get("mixup_alpha") or cfg.get("cutmix_alpha")):
+        return ""
+    return (f"; mixup α {cfg['mixup_alpha']} / CutMix α {cfg['cutmix_alpha']} on {100 * cfg['mix_prob']:.0f}% of "
+            "the batches")
+
+
+def _steps(row: dict) -> str:
+    return f" ({row['stage2_steps']} steps)" if row.get("stage2_steps") and row.get("stage2_gpu_seconds") else ""
 
 
 def fidelity_markdown(results: dict) -> str:
@@ -156,8 +183,9 @@ def fidelity_markdown(results: dict) -> str:
         "",
         f"Recovery (METHODS.md §10): stage 1 attention transfer, {cfg['stage1_steps']} steps × "
         f"{cfg['stage1_batch_size']} images (lr {cfg['stage1_lr']}, LoRA rank {cfg['lora_rank']}); stage 2 "
-        f"distillation fine-tuning, {cfg['stage2_steps']} steps × {cfg['stage2_batch_size']} images (lr "
-        f"{cfg['stage2_lr']}, T = {cfg['temperature']}). Target: ≥ {100 * results['target']['ratio']:.0f}% of the "
+        f"distillation fine-tuning, {cfg['stage2_batch_size']} images per step, {_stage2_steps(cfg)} (lr "
+        f"{cfg['stage2_lr']}, T = {cfg['temperature']}{_mixing(cfg)}). Target: ≥ "
+        f"{100 * results['target']['ratio']:.0f}% of the "
         f"reference top-1 after recovery using ≤ {100 * results['target']['compute_share']:.0f}% of its training "
         "compute (GPU time).",
         "",
@@ -175,7 +203,8 @@ def fidelity_markdown(results: dict) -> str:
             s1 = "(training-free)"
         lines.append(
             f"| {r['mixer']} | {_pct(r['top1_none'])} | {s1} | {_pct(r['top1_recovered'])} | {_pct(r['ratio'])} | "
-            f"{_sec(r['stage1_gpu_seconds'])} | {_sec(r['stage2_gpu_seconds'])} | {_pct(r['compute_share'])} | "
+            f"{_sec(r['stage1_gpu_seconds'])} | {_sec(r['stage2_gpu_seconds'])}{_steps(r)} | "
+            f"{_pct(r['compute_share'])} | "
             f"{'yes' if r['meets_target'] else 'no'} |")
     lines += [
         "",
