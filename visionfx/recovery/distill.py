@@ -34,7 +34,7 @@ from visionfx.recovery.attention_transfer import AttentionTransferLoss, transfer
 from visionfx.recovery.config import DistillConfig
 from visionfx.recovery.data import GpuAugment, ImageData, _seed, load_image_data, tensor_data
 from visionfx.recovery.engine import (RunLog, StageClock, adamw_warmup_cosine, evaluate, latest_checkpoint,
-                                      save_checkpoint, start_run, sync_gradients)
+                                      save_checkpoint, start_run, steps_that_fit, sync_gradients)
 from visionfx.recovery.finetune import DistillationLoss, freeze_teacher, prepbn_norms, recalibrate
 from visionfx.recovery.lora import add_lora, merge_lora
 
@@ -174,7 +174,7 @@ class _Run:
             if calib_t0 is not None and done == calib_at + cfg.calibrate_steps:
                 now = clock.elapsed()
                 per_step = (now - calib_t0) / cfg.calibrate_steps
-                fit = max(done, min(steps, done + int(max(0.0, time_budget - now) / per_step)))
+                fit = steps_that_fit(done, steps, time_budget, now, per_step)
                 summary.update(step_seconds=per_step, budget_steps=fit, planned_steps=steps, time_budget=time_budget)
                 if fit < steps:
                     steps = fit

@@ -26,7 +26,7 @@ from torch import nn
 
 __all__ = ["make_accelerator", "start_run", "device_name", "WarmupCosine", "param_groups", "adamw_warmup_cosine",
            "evaluate", "StageClock", "RunLog", "save_checkpoint", "latest_checkpoint", "sync_gradients", "synchronize",
-           "kd_loss", "budgeted_training"]
+           "steps_that_fit", "kd_loss", "budgeted_training"]
 
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, cpu: bool = False):
@@ -256,6 +256,12 @@ def _checkpoints(root: Path) -> list[tuple[tuple[int, int], Path, dict]]:
     return sorted(found, key=lambda t: t[0])
 
 
+def steps_that_fit(done: int, planned: int, budget: float, elapsed: float, per_step: float) -> int:
+    """The step count of a loop that has run ``done`` of ``planned`` steps in ``elapsed`` of its ``budget`` seconds,
+    at ``per_step`` seconds per step: shrunk to fit the budget, never grown, never below ``done``."""
+    return max(done, min(planned, done + int(max(0.0, budget - elapsed) / per_step)))
+
+
 def budgeted_training(acc, model_p: nn.Module, opt, sched, schedule: WarmupCosine, loss_fn, *, planned: int,
                       log: "RunLog", clock: StageClock, grad_clip: float = 0.0, time_budget: float | None = None,
                       calibrate_steps: int = 30, eval_every: int = 0, on_eval=None, progress: bool = True,
@@ -292,8 +298,7 @@ def budgeted_training(acc, model_p: nn.Module, opt, sched, schedule: WarmupCosin
         if time_budget and calib_t0 is not None and step == 10 + calibrate_steps:
             synchronize(acc.device)
             per_step = (time.perf_counter() - calib_t0) / calibrate_steps
-            fit = step + int(max(0.0, time_budget - clock.elapsed()) / per_step)
-            total = max(step, min(total, fit))
+            total = steps_that_fit(step, total, time_budget, clock.elapsed(), per_step)
             schedule.total = total
             log.data["meta"].update(step_seconds=per_step, budget_steps=total)
             bar.total = total
