@@ -283,8 +283,9 @@ def test_decoding_uses_prefill_sets_per_sample(llava, batch, cleanup, monkeypatc
     calls = []
 
     def spy(attn, image, sinks, rows, **kw):
+        before = attn.clone()  # the weights may be written in place (out=, aliasing attn in an fp32 model)
         new = redistribute(attn, image, sinks, rows, **kw)
-        calls.append((attn.clone(), image.clone(), sinks.clone(), rows.clone(), new.clone()))
+        calls.append((before, image.clone(), sinks.clone(), rows.clone(), new.clone()))
         return new
 
     monkeypatch.setattr(var_mod, "redistribute", spy)

@@ -19,9 +19,11 @@ How it runs:
 
 Cost (MLLM.md §3.7, PERFORMANCE.md: ≤ 1.3× eager): the eager path materialises exactly what eager attention does;
 VAR's own work is confined to the rows that can change (in prefill the rows from the earliest end of an image with
-a visual sink: tens of rows, not the [B, H, L, L] matrix), the four row masses come from one float64 matmul against
-0/1 key masks (exact whatever the fp32 matmul precision), the update is one fused ``α + α·scale`` and the changed rows
-are written into the cast weights in place (no grad) or concatenated (grad). Sink scores reduce the squared norm in
+a visual sink: tens of rows, not the [B, H, L, L] matrix). Without gradients on CUDA the redistribution is one
+Triton kernel per call (``kernels/var_redistribute``: masses accumulated in float64, head test and update in one
+program per row, written into the cast weights in place); the reference, used elsewhere and with gradients, takes
+the four row masses from one float64 matmul against 0/1 key masks (exact whatever the fp32 matmul precision), applies
+one fused ``α + α·scale`` and writes the changed rows in place (no grad) or concatenates them (grad). Sink scores reduce the squared norm in
 fp32 straight from the bf16 residual stream. The host learns once per prefill whether any image exists and once per
 layer whether it has visual sinks and its first modifiable row (one device sync each); decoding steps slice padded
 masks kept per layer and need no sync.
@@ -53,6 +55,9 @@ from torch import nn
 from visionfx.config import MethodConfig
 from visionfx.patches.llava import (LlavaHandle, LlavaParts, check_left_padding, is_prefill, layer_hidden,
                                     prompt_state)
+from visionfx.kernels.dispatch import BACKENDS, choose
+from visionfx.kernels.var_redistribute import column_masks, redistribute
+from visionfx.kernels.var_redistribute.reference import _acc_dtype
 from visionfx.methods.var_sinks import KNOWN_SINK_DIMS, RMS_EPS, find_sink_dims, known_sink_dims, sink_scores
 from visionfx.registry import MethodSpec
 
@@ -63,7 +68,6 @@ ATTN_NAME = "visionfx_var"
 MODES = ("eager", "hybrid")
 PRESETS = {"official_code": {"p": 0.4, "rho": 0.5}, "hallucination": {"rho": 0.5}, "general": {"rho": 0.8},
            "vision_centric": {"rho": 0.9}}
-CODE_EPS = 1e-6  # the official code adds this to every image weight in the head test's denominator
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class VARConfig(MethodConfig):
         preset: ``"official_code"`` (p 0.4, ρ 0.5, the code's epsilon placement), ``"hallucination"`` (ρ 0.5),
             ``"general"`` (ρ 0.8), ``"vision_centric"`` (ρ 0.9) or ``None``.
         eps: guard of the denominators.
+        backend: ``"auto"`` runs the redistribution as one Triton kernel on CUDA (no gradients), the PyTorch
+            reference elsewhere; ``"reference"`` / ``"triton"`` force one (``VISIONFX_BACKEND`` too).
     """
 
     method = "var"
@@ -93,6 +99,7 @@ class VARConfig(MethodConfig):
     mode: str = "eager"
     preset: str | None = None
     eps: float = 1e-6
+    backend: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -113,6 +120,8 @@ class VARConfig(MethodConfig):
                 object.__setattr__(self, name, value)
         if self.p > 1 or self.rho > 1:
             raise ValueError(f"var: p and rho are fractions in [0, 1], got p={self.p}, rho={self.rho}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"var: backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.mode not in MODES:
             raise ValueError(f"var: mode must be one of {MODES}, got {self.mode!r}")
         if self.sink_dims is not None:
@@ -123,69 +132,18 @@ class VARConfig(MethodConfig):
             object.__setattr__(self, "sink_dims", dims)
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    # float64 reductions by matmul are exact enough for the invariants whatever the fp32 matmul precision (TF32) is;
-    # devices without float64 fall back to the weights' dtype
-    return torch.float64 if t.device.type in ("cpu", "cuda") else t.dtype
-
-
-def column_masks(image: torch.Tensor, sinks: torch.Tensor, p: float, dtype: torch.dtype,
-                 acc: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key masks of :func:`redistribute` from ``image``/``sinks [B, S]`` bool: ``(reduce [B, S, 4] in acc: columns
-    image, visual sink, p·sink, receiver; update [B, 2, S] in dtype: rows −p·sink, receiver)``."""
-    receiver = image & ~sinks
-    acc = acc or dtype
-    reduce = torch.stack([image.to(acc), (image & sinks).to(acc), sinks.to(acc) * p, receiver.to(acc)], -1)
-    return reduce, torch.stack([sinks.to(dtype) * -p, receiver.to(dtype)], 1)
-
-
-def redistribute(attn: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor, rows: torch.Tensor, p: float,
-                 rho: float, summ: float, eps: float = 1e-6, official: bool = False,
-                 masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """VAR on post-softmax weights (§3.3-3.4, vectorised over samples, heads and rows).
-
-    Args:
-        attn: ``[B, H, Q, S]`` fp32 attention weights.
-        image: ``[B, S]`` bool image key positions; sinks: ``[B, S]`` bool sink key positions (text and visual).
-        rows: ``[B, Q]`` bool, rows that may be modified (the caller also clears samples without a visual sink).
-        p, rho, summ: paper convention (p moved, ρ minimum non-sink share, summ minimum image mass).
-        official: the public code's arithmetic: head test ``S_vs / Σ(α_img + 1e-6) ≤ 1 − ρ`` and ratios without ε.
-        masks: :func:`column_masks` of ``image``/``sinks`` with this ``p`` (at least S columns; the first S count),
-            when the caller keeps them.
-
-    Returns:
-        ``[B, H, Q, S]``: selected rows with ``p`` of their sink mass moved to the visual non-sink keys in
-        proportion to their weights; every other row is returned unchanged (bit for bit).
-
-    The row masses (image, visual sink, budget Ω = p·Σ sinks, receivers) come from one batched matmul against the
-    masks, in float64, instead of masked copies of the weights; the non-sink share is Σ receivers / (Σ image + ε)
-    (receivers = image ∖ sinks, the numerator S_img − S_vs of §3.6 without its cancellation). The update is one
-    fused expression ``α' = α + α · ([sel]·(−p·[sink]) + c·[receiver])`` with ``c = Ω / Σ receivers`` on selected
-    rows and 0 elsewhere, so unselected rows and untouched columns get ``α + α·0 = α`` exactly.
-    """
-    B, H, Q, S = attn.shape
-    reduce, update = masks if masks is not None else column_masks(image, sinks, p, attn.dtype, _acc_dtype(attn))
-    reduce, update = reduce[:, :S], update[:, None, :, :S].to(attn.dtype)
-    m = torch.bmm(attn.to(reduce.dtype).reshape(B, H * Q, S), reduce).view(B, H, Q, 4)
-    s_img, s_vs, budget, s_rcv = m.unbind(-1)
-    if official:
-        n_img = image.sum(-1).to(m.dtype)[:, None, None]
-        head_ok = (s_vs / (s_img + n_img * CODE_EPS) <= 1 - rho) & (s_img >= summ)
-        denom = torch.where(s_rcv > 0, s_rcv, 1)
-    else:
-        head_ok = (s_img >= summ) & (s_rcv / (s_img + eps) >= rho)
-        denom = s_rcv.clamp(min=eps)
-    sel = (head_ok & rows[:, None, :])[..., None]
-    scale = torch.where(sel, update[:, :, 0:1], 0.0)
-    scale.addcmul_(update[:, :, 1:2], torch.where(sel, (budget / denom)[..., None], 0.0))
-    return torch.addcmul(attn, attn, scale)
-
-
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     if n == 1:
         return x
     B, h, S, d = x.shape
     return x[:, :, None].expand(B, h, n, S, d).reshape(B, h * n, S, d)
+
+
+def _redistribute_fn(backend: str, device_type: str):
+    """The redistribution for fp32 weights without gradients: the Triton kernel on CUDA (one launch per call), the
+    reference (this module's ``redistribute``) elsewhere or when ``backend`` says so."""
+    fn, used, _ = choose("var_redistribute", backend, device_type, torch.float32, 0)
+    return fn if used == "triton" else redistribute
 
 
 def _eager_rows(module, query, key, value, mask, scaling, dropout, ctx):
@@ -199,14 +157,13 @@ def _eager_rows(module, query, key, value, mask, scaling, dropout, ctx):
     first = attn.shape[2] if ctx is None else ctx["first_row"]
     if first < attn.shape[2]:
         sub = attn if first == 0 else attn[:, :, first:]
-        new = redistribute(sub, ctx["image"], ctx["sinks"], ctx["rows"][:, first:], masks=ctx["masks"],
-                           **ctx["params"]).to(query.dtype)
-        if first == 0:
-            weights = new
-        elif attn.requires_grad:
-            weights = torch.cat([weights[:, :, :first], new], 2)
-        else:  # write the few changed rows in place instead of assembling a second [B, H, Q, S] tensor
-            weights[:, :, first:] = new
+        args = (sub, ctx["image"], ctx["sinks"], ctx["rows"][:, first:])
+        if attn.requires_grad:
+            new = redistribute(*args, masks=ctx["masks"], **ctx["params"]).to(query.dtype)
+            weights = new if first == 0 else torch.cat([weights[:, :, :first], new], 2)
+        else:  # the changed rows are written into the cast weights in place, cast on the way
+            fn = _redistribute_fn(ctx["backend"], attn.device.type)
+            fn(*args, masks=ctx["masks"], out=weights if first == 0 else weights[:, :, first:], **ctx["params"])
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value), weights
 
@@ -403,7 +360,7 @@ class VARHandle(LlavaHandle):
             rows, first = has[:, None].expand(B, q_len), 0
         cfg = self.config
         return {"image": masks["image"][:, :s_len], "sinks": masks["sinks"][:, :s_len], "rows": rows,
-                "first_row": first, "masks": masks["masks"],
+                "first_row": first, "masks": masks["masks"], "backend": cfg.backend,
                 "params": {"p": cfg.p, "rho": cfg.rho, "summ": cfg.summ, "eps": cfg.eps,
                            "official": cfg.preset == "official_code"}}
 
