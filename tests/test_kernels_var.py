@@ -127,3 +127,18 @@ def test_gpu_bf16_out_matches_reference(S):
     redistribute_triton(attn, image, sinks, rows, 0.6, 0.5, 0.2, out=out)
     want = redistribute(attn, image, sinks, rows, 0.6, 0.5, 0.2)
     torch.testing.assert_close(out, want.bfloat16(), atol=0, rtol=0)  # same fp32 values, one rounding each
+
+
+def test_bench_script_needs_cuda(capsys):
+    """scripts/bench_var_redistribute.py parses its shapes and refuses to time anything without a GPU."""
+    import importlib.util
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the script would run")
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_var_redistribute.py"
+    spec = importlib.util.spec_from_file_location("bench_var_redistribute", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--shapes", "3x17"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
