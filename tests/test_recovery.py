@@ -266,6 +266,29 @@ def test_time_budget_large_enough_keeps_every_step():
     assert s2["steps"] == s2["budget_steps"] == 14 and s2["images"] == 14 * 8
 
 
+def test_time_budget_fit_survives_interruption(tmp_path, monkeypatch):
+    """The fitted step count is logged and checkpointed: a run interrupted after fitting resumes to the same end,
+    with the shortened cosine schedule restored (the learning rate reaches 0 at the fitted last step)."""
+    import importlib
+
+    distill_mod = importlib.import_module("visionfx.recovery.distill")  # the module, not the function of that name
+    monkeypatch.setattr(distill_mod, "steps_that_fit", lambda done, planned, *a: 14)  # timing-independent
+
+    def run(callback=None, resume=False):
+        return distill(tiny_vit(drop_path_rate=0.1) if not resume else _patched_fresh(), "agent" if not resume else
+                       None, tiny_data(), stage1_steps=0, stage2_steps=20, time_budget=1.0, calibrate_steps=2,
+                       save_every=13, output_dir=tmp_path, resume=resume, callback=callback, **SMALL)
+
+    seen = [[], []]
+    with pytest.raises(Interrupt):
+        run(_stop_at("stage2", 13, seen[0]))
+    res = run(_stop_at(None, None, seen[1]), resume=True)
+    assert [k for _, k in seen[0]] == list(range(1, 14)) and seen[1] == [("stage2", 14)]
+    s2 = res.log["stages"]["stage2"]
+    assert s2["steps"] == s2["budget_steps"] == 14 and s2["planned_steps"] == 20
+    assert s2["history"][-1]["step"] == 14 and s2["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_prepbn_rescale_schedule_keeps_forwards_already_run():
     from visionfx.methods.prepbn import LinearNorm, PRepBNConfig
 

@@ -125,8 +125,8 @@ class _Run:
               augment: GpuAugment, start: int = 0, clock_seconds: float = 0.0, manual_sync: bool = False,
               time_budget: float | None = None, on_fit: Callable[[int], None] | None = None) -> None:
         """Optimiser steps ``start..steps`` of ``stage``: micro-batches, accumulation, clipping, logs, evaluations,
-        checkpoints, the callback. With ``time_budget`` (seconds of this stage's clock), steps 10 to
-        ``10 + calibrate_steps`` are timed and the step count shrinks (never grows) to fit; ``on_fit(steps)`` then
+        checkpoints, the callback. With ``time_budget`` (seconds of this stage's clock), steps ``start + 10`` to
+        ``start + 10 + calibrate_steps`` are timed and the step count shrinks (never grows) to fit; ``on_fit(steps)`` then
         shortens the schedules. The fitted count is logged (``budget_steps``) and kept on resume."""
         from tqdm.auto import tqdm
 
@@ -140,7 +140,8 @@ class _Run:
         fitted = summary.get("budget_steps") if time_budget is not None else None  # fitted before an interruption
         steps = fitted or steps
         summary.update(steps=steps, batch_size=batch_size, grad_accum=accum, processes=acc.num_processes)
-        calib_at, calib_t0 = (10, None) if time_budget is not None and not fitted else (None, None)
+        # timed after 10 untimed steps of this run (a resumed run calibrates afresh unless the count was fitted)
+        calib_at, calib_t0 = (start + 10, None) if time_budget is not None and not fitted else (None, None)
         bar = tqdm(total=steps, initial=start, desc=stage, disable=not (self.progress and acc.is_local_main_process),
                    dynamic_ncols=True)
         sums: dict[str, torch.Tensor] = {}
