@@ -14,27 +14,10 @@ import visionfx  # noqa: E402
 from visionfx.kernels.dispatch import choose  # noqa: E402
 from visionfx.kernels.var_redistribute import redistribute  # noqa: E402
 from visionfx.kernels.var_redistribute.triton import redistribute_triton  # noqa: E402
-from var_support import D, INJECT, TAU, inject, oracle_row, synthetic  # noqa: E402
+from var_support import D, INJECT, TAU, check_rows, inject, synthetic  # noqa: E402
 from var_support import batch, cleanup, llava  # noqa: E402,F401 (pytest fixtures, used by name)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _check_rows(out, a32, image, sinks, rows, p, rho, summ):
-    selected = 0
-    for b in range(a32.shape[0]):
-        img, snk = set(image[b].nonzero().flatten().tolist()), set(sinks[b].nonzero().flatten().tolist())
-        for h in range(a32.shape[1]):
-            for i in range(a32.shape[2]):
-                if not rows[b, i]:
-                    assert torch.equal(out[b, h, i], a32[b, h, i])
-                    continue
-                expected, sel = oracle_row(a32[b, h, i], img, snk, p, rho, summ)
-                torch.testing.assert_close(out[b, h, i].double(), expected, atol=1e-7, rtol=0)
-                if not sel:
-                    assert torch.equal(out[b, h, i], a32[b, h, i])
-                selected += sel
-    return selected
 
 
 @pytest.mark.parametrize("p,rho,summ", [(0.6, 0.5, 0.1), (0.3, 0.8, 0.0), (1.0, 0.0, 0.5)])
@@ -42,7 +25,7 @@ def test_kernel_against_row_oracle_and_reference(p, rho, summ):
     attn, image, sinks, rows = synthetic(seed=3)
     a32 = attn.float()
     out = redistribute_triton(a32, image, sinks, rows, p, rho, summ)
-    assert _check_rows(out, a32, image, sinks, rows, p, rho, summ) > 0
+    assert check_rows(out, a32, image, sinks, rows, p, rho, summ) > 0
     torch.testing.assert_close(out, redistribute(a32, image, sinks, rows, p, rho, summ), atol=1e-7, rtol=0)
 
 

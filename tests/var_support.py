@@ -79,6 +79,27 @@ def oracle_row(alpha, image: set, sinks: set, p, rho, summ, eps=1e-6):
     return new, True
 
 
+def check_rows(out, a32, image, sinks, rows, p, rho, summ) -> int:
+    """Every row of ``out`` (a redistribution of the fp32 weights ``a32``) against :func:`oracle_row`: rows not
+    allowed by ``rows`` and rows the head test rejects are unchanged bit for bit, the others equal the oracle and
+    keep their sum. Returns how many rows were selected."""
+    selected = 0
+    for b in range(a32.shape[0]):
+        img, snk = set(image[b].nonzero().flatten().tolist()), set(sinks[b].nonzero().flatten().tolist())
+        for h in range(a32.shape[1]):
+            for i in range(a32.shape[2]):
+                if not rows[b, i]:
+                    assert torch.equal(out[b, h, i], a32[b, h, i])
+                    continue
+                expected, sel = oracle_row(a32[b, h, i], img, snk, p, rho, summ)
+                torch.testing.assert_close(out[b, h, i].double(), expected, atol=1e-7, rtol=0)
+                assert abs(float(out[b, h, i].double().sum() - a32[b, h, i].double().sum())) <= 1e-6
+                if not sel:
+                    assert torch.equal(out[b, h, i], a32[b, h, i])
+                selected += sel
+    return selected
+
+
 def synthetic(seed=0, B=2, H=3, S=14):
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(B, H, S, S, generator=g, dtype=torch.float64)
