@@ -21,10 +21,10 @@ Cost (MLLM.md §3.7, PERFORMANCE.md: ≤ 1.3× eager): the eager path materialis
 VAR's own work is confined to the rows that can change (in prefill the rows from the earliest end of an image with
 a visual sink: tens of rows, not the [B, H, L, L] matrix). Without gradients on CUDA the redistribution is one
 Triton kernel per call (``kernels/var_redistribute``: masses accumulated in float64, head test and update in one
-program per row, written into the cast weights in place); the reference, used elsewhere and with gradients, takes
-the four row masses from one float64 matmul against 0/1 key masks (exact whatever the fp32 matmul precision), applies
-one fused ``α + α·scale`` and writes the changed rows in place (no grad) or concatenates them (grad). Sink scores reduce the squared norm in
-fp32 straight from the bf16 residual stream. The host learns once per prefill whether any image exists and once per
+program per row, written into the cast weights in place; chosen once per device). The reference, used elsewhere and
+with gradients, takes the four row masses from one float64 matmul against 0/1 key masks (exact whatever the fp32
+matmul precision), applies one fused ``α + α·scale`` and writes the changed rows in place (no grad) or concatenates
+them (grad). Sink scores reduce the squared norm in fp32 straight from the bf16 residual stream. The host learns once per prefill whether any image exists and once per
 layer whether it has visual sinks and its first modifiable row (one device sync each); decoding steps slice padded
 masks kept per layer and need no sync.
 
@@ -47,7 +47,7 @@ import math
 import numbers
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -139,13 +139,6 @@ def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[:, :, None].expand(B, h, n, S, d).reshape(B, h * n, S, d)
 
 
-def _redistribute_fn(backend: str, device_type: str):
-    """The redistribution for fp32 weights without gradients: the Triton kernel on CUDA (one launch per call), the
-    reference (this module's ``redistribute``) elsewhere or when ``backend`` says so."""
-    fn, used, _ = choose("var_redistribute", backend, device_type, torch.float32, 0)
-    return fn if used == "triton" else redistribute
-
-
 def _eager_rows(module, query, key, value, mask, scaling, dropout, ctx):
     """Eager attention (HF's arithmetic) with VAR applied to rows ``ctx["first_row"]:`` only (the rows before it
     cannot change): ``(out [B, H, Q, d], weights [B, H, Q, S])``."""
@@ -162,7 +155,7 @@ def _eager_rows(module, query, key, value, mask, scaling, dropout, ctx):
             new = redistribute(*args, masks=ctx["masks"], **ctx["params"]).to(query.dtype)
             weights = new if first == 0 else torch.cat([weights[:, :, :first], new], 2)
         else:  # the changed rows are written into the cast weights in place, cast on the way
-            fn = _redistribute_fn(ctx["backend"], attn.device.type)
+            fn = ctx["kernel"] or redistribute  # the Triton kernel, or this module's reference
             fn(*args, masks=ctx["masks"], out=weights if first == 0 else weights[:, :, first:], **ctx["params"])
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value), weights
@@ -259,6 +252,7 @@ class VARHandle(LlavaHandle):
         self._prompt_length = self._image_mask = None
         self._valid_run = False
         self._masks: dict[int, dict] = {}
+        self._kernels: dict[str, Callable | None] = {}
         self._any_image = False
         self._sink_ok = self._dims_index = None
 
@@ -328,18 +322,27 @@ class VARHandle(LlavaHandle):
         any_has, first = torch.stack([has.any().long(), starts.min()]).tolist()
         self._active[index] = (has, bool(any_has), int(first))
 
-    def _layer_masks(self, layer: int, s_len: int) -> dict:
-        """Image/sink masks of ``layer`` and their :func:`column_masks`, kept at a capacity of at least ``s_len``
-        columns (padded with False for generated positions), so a decoding step only slices views."""
+    def _kernel(self, device_type: str) -> Callable | None:
+        """The Triton redistribution for weights on ``device_type`` (None: the reference), chosen once per device."""
+        if device_type not in self._kernels:
+            fn, used, _ = choose("var_redistribute", self.config.backend, device_type, torch.float32, 0)
+            self._kernels[device_type] = fn if used == "triton" else None
+        return self._kernels[device_type]
+
+    def _layer_masks(self, layer: int, s_len: int, column: bool = True) -> dict:
+        """Image/sink masks of ``layer``, kept at a capacity of at least ``s_len`` columns (padded with False for
+        generated positions), so a decoding step only slices views; with ``column``, also their
+        :func:`column_masks` (what the reference needs; the kernel reads the image/sink masks)."""
         entry = self._masks.get(layer)
         if entry is None or entry["capacity"] < s_len:
             st, sinks = self.state, self.sink_masks[layer]
             capacity = max(s_len, st.length) + (256 if entry is None else max(s_len, entry["capacity"]))
             pad = capacity - st.length
             image, sinks = (nn.functional.pad(t, (0, pad)) for t in (st.image, sinks))
-            entry = {"capacity": capacity, "image": image, "sinks": sinks,
-                     "masks": column_masks(image, sinks, self.config.p, torch.float32, _acc_dtype(image))}
-            self._masks[layer] = entry
+            entry = self._masks[layer] = {"capacity": capacity, "image": image, "sinks": sinks, "masks": None}
+        if column and entry["masks"] is None:
+            entry["masks"] = column_masks(entry["image"], entry["sinks"], self.config.p, torch.float32,
+                                          _acc_dtype(entry["image"]))
         return entry
 
     def _context(self, layer: int, q_len: int, s_len: int) -> dict | None:
@@ -349,7 +352,8 @@ class VARHandle(LlavaHandle):
         if st is None or active is None or not active[1] or layer not in self.sink_masks:
             return None
         has = active[0]
-        masks = self._layer_masks(layer, s_len)
+        kernel = self._kernel(has.device.type)
+        masks = self._layer_masks(layer, s_len, column=kernel is None)
         B = has.shape[0]
         if self._prefill:
             absolute = torch.arange(s_len - q_len, s_len, device=has.device)
@@ -360,7 +364,7 @@ class VARHandle(LlavaHandle):
             rows, first = has[:, None].expand(B, q_len), 0
         cfg = self.config
         return {"image": masks["image"][:, :s_len], "sinks": masks["sinks"][:, :s_len], "rows": rows,
-                "first_row": first, "masks": masks["masks"], "backend": cfg.backend,
+                "first_row": first, "masks": masks["masks"], "kernel": kernel,
                 "params": {"p": cfg.p, "rho": cfg.rho, "summ": cfg.summ, "eps": cfg.eps,
                            "official": cfg.preset == "official_code"}}
 
