@@ -269,10 +269,9 @@ def test_time_budget_large_enough_keeps_every_step():
 def test_time_budget_fit_survives_interruption(tmp_path, monkeypatch):
     """The fitted step count is logged and checkpointed: a run interrupted after fitting resumes to the same end,
     with the shortened cosine schedule restored (the learning rate reaches 0 at the fitted last step)."""
-    import importlib
+    from visionfx.recovery import engine
 
-    distill_mod = importlib.import_module("visionfx.recovery.distill")  # the module, not the function of that name
-    monkeypatch.setattr(distill_mod, "steps_that_fit", lambda done, planned, *a: 14)  # timing-independent
+    monkeypatch.setattr(engine, "steps_that_fit", lambda done, planned, *a: 14)  # timing-independent
 
     def run(callback=None, resume=False):
         return distill(tiny_vit(drop_path_rate=0.1) if not resume else _patched_fresh(), "agent" if not resume else
@@ -399,3 +398,35 @@ def test_train_reference_two_steps_on_cpu(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), out["model"](x))
     assert info["mean"] == [0.5] * 3 and info["top1"] == out["top1"]
+
+
+def test_step_budget_times_its_window_on_the_clock():
+    """StepBudget against hand arithmetic on a scripted clock: the window is steps start+10 .. start+10+n."""
+    from visionfx.recovery.engine import StepBudget
+
+    class Clock:
+        now = 0.0
+
+        def elapsed(self):
+            return self.now
+
+    clock, budget = Clock(), StepBudget(100.0, calibrate_steps=4, start=3)
+    fits = []
+    for done in range(4, 30):
+        clock.now = 2.0 + 0.5 * done  # 0.5 s per step after a 2 s start
+        fits.append((done, budget.after_step(done, 1000, clock)))
+    assert [f for f in fits if f[1] is not None] == [(17, 17 + int((100.0 - 10.5) / 0.5))]
+    assert budget.per_step == pytest.approx(0.5)
+    assert StepBudget(1e9, 4).after_step(14, 60, type("C", (), {"elapsed": lambda self: 1.0})()) is None  # t0 unset
+
+
+def test_train_reference_time_budget_shortens_the_run(tmp_path):
+    """The from-scratch loop under a budget it cannot meet stops right after calibrating (10 + calibrate_steps)."""
+    from visionfx.recovery.train import TrainConfig, train_reference
+
+    cfg = TrainConfig(depth=1, embed_dim=32, num_heads=2, batch_size=8, epochs=20, eval_batch_size=16, cpu=True,
+                      mixed_precision="no", time_budget=1e-6, calibrate_steps=2)
+    data = tiny_data()
+    data.classes = [str(i) for i in range(5)]
+    out = train_reference(cfg, data, tmp_path, progress=False)
+    assert out["steps"] == 12 and out["images"] == 12 * 8

@@ -103,6 +103,7 @@ _RULES = {
     "ints_ge1": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
     "optional_ints_ge1": (lambda v: v is None or (_is_int(v) and v >= 1), "must be None or an integer >= 1"),
     "positive": (lambda v: _is_number(v) and v > 0, "must be > 0"),
+    "optional_positive": (lambda v: v is None or (_is_number(v) and v > 0), "must be None or > 0"),
     "nonnegative": (lambda v: _is_number(v) and v >= 0, "must be >= 0"),
     "fractions": (lambda v: _is_number(v) and 0 <= v <= 1, "must lie in [0, 1]"),
     "flags": (lambda v: isinstance(v, bool), "must be true or false"),
@@ -217,15 +218,12 @@ class DistillConfig(Recipe):
         _check(self.finetune in ("all", "added"), f"finetune must be 'all' or 'added', got {self.finetune!r}{hint}")
         check_mixed_precision(self.mixed_precision)
         _check(self.kd_weight > 0 or self.ce_weight > 0, "kd_weight and ce_weight cannot both be 0")
-        _check(self.time_budget is None or (isinstance(self.time_budget, (int, float))
-                                            and not isinstance(self.time_budget, bool) and self.time_budget > 0),
-               f"time_budget must be a number of seconds > 0 or null, got {self.time_budget!r}")
         _check(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
         _check(len(targets) > 0 and all(isinstance(t, str) for t in targets),
                f"lora_targets must be a list of child names, got {self.lora_targets!r}")
         object.__setattr__(self, "lora_targets", targets)
-        check_fields(self, optional_ints_ge1=("prepbn_steps",),
+        check_fields(self, optional_ints_ge1=("prepbn_steps",), optional_positive=("time_budget",),
                      flags=("reparameterize", "flip", "compile", "eval_at_start", "cpu"))
 
     @property

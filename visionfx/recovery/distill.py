@@ -34,7 +34,7 @@ from visionfx.recovery.attention_transfer import AttentionTransferLoss, transfer
 from visionfx.recovery.config import DistillConfig
 from visionfx.recovery.data import GpuAugment, ImageData, _seed, load_image_data, tensor_data
 from visionfx.recovery.engine import (RunLog, StageClock, adamw_warmup_cosine, evaluate, latest_checkpoint,
-                                      save_checkpoint, start_run, steps_that_fit, sync_gradients)
+                                      save_checkpoint, start_run, StepBudget, sync_gradients)
 from visionfx.recovery.finetune import DistillationLoss, freeze_teacher, prepbn_norms, recalibrate
 from visionfx.recovery.lora import add_lora, merge_lora
 
@@ -140,8 +140,8 @@ class _Run:
         fitted = summary.get("budget_steps") if time_budget is not None else None  # fitted before an interruption
         steps = fitted or steps
         summary.update(steps=steps, batch_size=batch_size, grad_accum=accum, processes=acc.num_processes)
-        # timed after 10 untimed steps of this run (a resumed run calibrates afresh unless the count was fitted)
-        calib_at, calib_t0 = (start + 10, None) if time_budget is not None and not fitted else (None, None)
+        # a resumed run calibrates afresh unless the count was fitted before the interruption
+        budget = StepBudget(time_budget, cfg.calibrate_steps, start) if time_budget is not None and not fitted else None
         bar = tqdm(total=steps, initial=start, desc=stage, disable=not (self.progress and acc.is_local_main_process),
                    dynamic_ncols=True)
         sums: dict[str, torch.Tensor] = {}
@@ -170,20 +170,14 @@ class _Run:
             done = step + 1
             if done == 1:  # includes one-off costs (kernel compilation, autotuning, allocator warm-up)
                 summary["first_step_seconds"] = clock.elapsed()
-            if calib_at is not None and done == calib_at:
-                calib_t0 = clock.elapsed()
-            if calib_t0 is not None and done == calib_at + cfg.calibrate_steps:
-                now = clock.elapsed()
-                per_step = (now - calib_t0) / cfg.calibrate_steps
-                fit = steps_that_fit(done, steps, time_budget, now, per_step)
-                summary.update(step_seconds=per_step, budget_steps=fit, planned_steps=steps, time_budget=time_budget)
+            fit = budget.after_step(done, steps, clock) if budget is not None else None
+            if fit is not None:
+                summary.update(step_seconds=budget.per_step, budget_steps=fit, planned_steps=steps,
+                               time_budget=time_budget)
                 if fit < steps:
-                    steps = fit
-                    summary["steps"] = steps
-                    bar.total = steps
+                    steps = summary["steps"] = bar.total = fit
                     if on_fit is not None:
                         on_fit(steps)
-                calib_at = calib_t0 = None
             if done % cfg.log_every == 0 or done == steps:
                 record = {k: _plain(v / count) for k, v in sums.items()}
                 record.update(step=done, lr=sched.get_last_lr()[0])

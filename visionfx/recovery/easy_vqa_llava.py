@@ -105,9 +105,9 @@ class TrainVQAConfig(Recipe):
         check_fields(self, positive=("epochs", "lr", "beta2"))
         _check(self.beta2 < 1, f"beta2 must be < 1, got {self.beta2}")
         check_fields(self, nonnegative=("weight_decay", "grad_clip"), fractions=("min_lr_ratio",),
-                     optional_ints_ge1=("max_steps", "eval_limit", "limit"), flags=("flip", "cpu"))
+                     optional_ints_ge1=("max_steps", "eval_limit", "limit"), optional_positive=("time_budget",),
+                     flags=("flip", "cpu"))
         check_mixed_precision(self.mixed_precision)
-        _check(self.time_budget is None or self.time_budget > 0, "time_budget must be None or > 0 seconds")
 
     @property
     def image_tokens(self) -> int:

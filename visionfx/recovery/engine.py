@@ -26,7 +26,7 @@ from torch import nn
 
 __all__ = ["make_accelerator", "start_run", "device_name", "WarmupCosine", "param_groups", "adamw_warmup_cosine",
            "evaluate", "StageClock", "RunLog", "save_checkpoint", "latest_checkpoint", "sync_gradients", "synchronize",
-           "steps_that_fit", "kd_loss", "budgeted_training"]
+           "steps_that_fit", "StepBudget", "kd_loss", "budgeted_training"]
 
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, cpu: bool = False):
@@ -262,6 +262,27 @@ def steps_that_fit(done: int, planned: int, budget: float, elapsed: float, per_s
     return max(done, min(planned, done + int(max(0.0, budget - elapsed) / per_step)))
 
 
+class StepBudget:
+    """Fits a training loop to ``budget`` seconds of its :class:`StageClock`: steps ``start + 10`` to ``start + 10 +
+    calibrate_steps`` are timed (the first ten after ``start`` absorb one-off costs), and at the end of that window
+    :meth:`after_step` returns the step count that fits (:func:`steps_that_fit`); ``per_step`` keeps the rate."""
+
+    def __init__(self, budget: float, calibrate_steps: int, start: int = 0):
+        self.budget, self.calibrate_steps, self.begin = float(budget), int(calibrate_steps), start + 10
+        self.t0: float | None = None
+        self.per_step: float | None = None
+
+    def after_step(self, done: int, planned: int, clock: StageClock) -> int | None:
+        """Call after each step with the steps done: the fitted count once, at the end of the window, else None."""
+        if done == self.begin:
+            self.t0 = clock.elapsed()
+        elif self.t0 is not None and self.per_step is None and done == self.begin + self.calibrate_steps:
+            now = clock.elapsed()
+            self.per_step = (now - self.t0) / self.calibrate_steps
+            return steps_that_fit(done, planned, self.budget, now, self.per_step)
+        return None
+
+
 def budgeted_training(acc, model_p: nn.Module, opt, sched, schedule: WarmupCosine, loss_fn, *, planned: int,
                       log: "RunLog", clock: StageClock, grad_clip: float = 0.0, time_budget: float | None = None,
                       calibrate_steps: int = 30, eval_every: int = 0, on_eval=None, progress: bool = True,
@@ -278,7 +299,8 @@ def budgeted_training(acc, model_p: nn.Module, opt, sched, schedule: WarmupCosin
 
     params = [p for p in model_p.parameters() if p.requires_grad]
     bar = tqdm(total=planned, desc=desc, disable=not (progress and acc.is_local_main_process), dynamic_ncols=True)
-    total, step, calib_t0, loss_sum, n_loss = planned, 0, None, None, 0
+    total, step, loss_sum, n_loss = planned, 0, None, 0
+    budget = StepBudget(time_budget, calibrate_steps) if time_budget else None
     model_p.train()
     clock.start()
     while step < total:
@@ -292,16 +314,10 @@ def budgeted_training(acc, model_p: nn.Module, opt, sched, schedule: WarmupCosin
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         n_loss += 1
         step += 1
-        if time_budget and step == 10:
-            synchronize(acc.device)
-            calib_t0 = time.perf_counter()
-        if time_budget and calib_t0 is not None and step == 10 + calibrate_steps:
-            synchronize(acc.device)
-            per_step = (time.perf_counter() - calib_t0) / calibrate_steps
-            total = steps_that_fit(step, total, time_budget, clock.elapsed(), per_step)
-            schedule.total = total
-            log.data["meta"].update(step_seconds=per_step, budget_steps=total)
-            bar.total = total
+        fit = budget.after_step(step, total, clock) if budget is not None else None
+        if fit is not None:
+            total = schedule.total = bar.total = fit
+            log.data["meta"].update(step_seconds=budget.per_step, budget_steps=total)
         if step % 50 == 0 or step == total:
             mean_loss = float(loss_sum) / n_loss
             log.record("train", step=step, loss=mean_loss, lr=sched.get_last_lr()[0])

@@ -87,11 +87,10 @@ class TrainConfig(Recipe):
                      nonnegative=("weight_decay", "warmup_epochs", "grad_clip", "mixup_alpha", "cutmix_alpha",
                                   "eval_every_epochs", "drop_path"),
                      fractions=("min_lr_ratio", "label_smoothing", "mix_prob"),
-                     optional_ints_ge1=("max_steps",))
+                     optional_ints_ge1=("max_steps",), optional_positive=("time_budget",))
         _check(self.embed_dim % self.num_heads == 0, f"embed_dim {self.embed_dim} must be a multiple of num_heads")
         _check(self.img_size % self.patch_size == 0, f"img_size {self.img_size} must be a multiple of patch_size")
         check_mixed_precision(self.mixed_precision)
-        _check(self.time_budget is None or self.time_budget > 0, "time_budget must be None or > 0 seconds")
         _check(self.global_pool in ("token", "avg"), f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
 
     def model_kwargs(self, num_classes: int) -> dict:
