@@ -44,9 +44,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
+    from visionfx.bench_env import environment
+
     if not torch.cuda.is_available():
         print("bench_gla_impls: needs a CUDA GPU", file=sys.stderr)
         return 2
+    env = environment("cuda")  # before the run: it records the machine's load
     rows = [measure(B, N) for B, N in SHAPES]
     print("| N | B | chunked fwd | scan fwd | chunked f+b | scan f+b | SDPA fwd |\n|---|---|---|---|---|---|---|")
     for r in rows:
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
               f"{r['scan_fwd_bwd_ms']:.3f} | {r['sdpa_fwd_ms']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
     return 0
 
 

@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
+    env = environment("cuda")  # before the run: it records the machine's load
     rows_out = []
     for shape in args.shapes.split(","):
         Q, S = (int(v) for v in shape.lower().split("x"))
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
               f"{r['triton']['host_ms']:11.3f}  {r['triton']['gpu_ms']:10.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "settings": vars(args), "rows": rows_out}, f, indent=1)
+            json.dump({"environment": env, "settings": vars(args), "rows": rows_out}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,12 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _environment(device) -> str:
     import torch
 
+    from visionfx.bench_env import short_commit
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    commit = short_commit()
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return f"{name}, torch {torch.__version__}, Python {platform.python_version()}" + \
         (f", commit {commit}" if commit else "") + f", {stamp}"

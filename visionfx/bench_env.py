@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["environment"]
+__all__ = ["environment", "git_commit", "short_commit"]
 
 
-def _git_commit() -> dict[str, Any] | None:
+def git_commit() -> dict[str, Any] | None:
+    """``{"commit": full hash, "dirty": tracked files modified}`` of the checkout visionfx runs from, or None."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -27,6 +28,12 @@ def _git_commit() -> dict[str, Any] | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(dirty)}
+
+
+def short_commit() -> str | None:
+    """The abbreviated hash of :func:`git_commit` (as in docs tables), or None outside a git checkout."""
+    info = git_commit()
+    return info["commit"][:7] if info and info["commit"] else None
 
 
 def _cpu_name() -> str:
@@ -71,6 +78,6 @@ def environment(device: str = "auto") -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "cuda": torch.version.cuda,
         "env": {k: os.environ[k] for k in ("VISIONFX_BACKEND", "TRITON_INTERPRET") if k in os.environ},
-        "git": _git_commit(),
+        "git": git_commit(),
     }
     return env

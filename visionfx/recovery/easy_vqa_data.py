@@ -268,7 +268,8 @@ class VqaAugment:
     """On-device augmentation that keeps the answers true: ``uint8 [B, 3, H, W]`` -> normalised ``float32``.
 
     A random shift of up to ``translate`` pixels per axis, the uncovered border filled with the background colour
-    (per-channel median of the four corners), then (``flip``) a horizontal flip with probability 1/2. Random choices are a function of ``(seed, step)`` only."""
+    (per-channel median of the four corners), then (``flip``) a horizontal flip with probability 1/2. Random choices
+    are a function of ``(seed, step)`` only."""
 
     def __init__(self, translate: int = 4, flip: bool = True, seed: int = 0):
         if translate < 0:

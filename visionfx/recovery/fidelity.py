@@ -18,12 +18,12 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import traceback
 from pathlib import Path
 
 import torch
 
+from visionfx.bench_env import short_commit
 from visionfx.recovery.config import DistillConfig
 from visionfx.recovery.data import ImageData
 from visionfx.recovery.distill import distill
@@ -37,18 +37,10 @@ TARGET_RATIO = 0.98
 TARGET_SHARE = 0.05
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def environment() -> dict:
     cuda = torch.cuda.is_available()
     return {"gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
-            "python": platform.python_version(), "commit": _commit(),
+            "python": platform.python_version(), "commit": short_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
