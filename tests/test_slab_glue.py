@@ -7,7 +7,6 @@ the heads merge without a copy) and add their local terms without concatenating 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 

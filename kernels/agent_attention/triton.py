@@ -36,6 +36,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _blocks(n_agents: int, d: int) -> tuple[int, int, int, int]:
+    """``(BA, BD, BN, BM)``: padded agents and head dim, token blocks of the aggregation and broadcast passes."""
+    BA = _pow2(n_agents)
+    return BA, _pow2(d), 64 if BA <= 64 else 32, 64 if BA <= 128 else 32
+
+
 def _num_splits(bh: int, n: int, block: int, device) -> int:
     """Split the aggregation over N when B·h programs would leave the GPU idle."""
     if device.type != "cuda":
@@ -48,9 +54,7 @@ def _num_splits(bh: int, n: int, block: int, device) -> int:
 def _forward(q, k, v, agents, bias1, bias2, scale1, scale2):
     B, H, N, D = q.shape
     n = agents.shape[2]
-    BA, BD = _pow2(n), _pow2(D)
-    BN = 64 if BA <= 64 else 32
-    BM = 64 if BA <= 128 else 32
+    BA, BD, BN, BM = _blocks(n, D)
     prec = _precision(q.dtype)
     dev = q.device
     bh = B * H
@@ -85,18 +89,19 @@ def _forward(q, k, v, agents, bias1, bias2, scale1, scale2):
     return o_tok, va, lse1, lse2
 
 
-def _batch_splits(blocks: int, heads: int, batch: int, device) -> int:
-    """Split the batch loop of the bias-gradient kernels so that enough programs run."""
+def _bias_grid(blocks: int, heads: int, batch: int, device) -> tuple[tuple[int, int, int], int]:
+    """Grid ``(blocks, heads, batch chunks)`` of a bias-gradient kernel and its batch chunk: the batch loop is split
+    so that enough programs run."""
     sms = _sm_count(device) if device.type == "cuda" else 2
-    return int(max(1, min(batch, triton.cdiv(2 * sms, max(blocks * heads, 1)))))
+    splits = int(max(1, min(batch, triton.cdiv(2 * sms, max(blocks * heads, 1)))))
+    chunk = triton.cdiv(batch, splits)
+    return (blocks, heads, triton.cdiv(batch, chunk)), chunk
 
 
 def _backward(do, q, k, v, agents, bias1, bias2, scale1, scale2, o, va, lse1, lse2):
     B, H, N, D = q.shape
     n = agents.shape[2]
-    BA, BD = _pow2(n), _pow2(D)
-    BN = 64 if BA <= 64 else 32
-    BM = 64 if BA <= 128 else 32
+    BA, BD, BN, BM = _blocks(n, D)
     prec = _precision(q.dtype)
     dev, bh = q.device, B * H
     if do.stride() != o.stride():  # the kernels read do with the strides of o
@@ -121,10 +126,8 @@ def _backward(do, q, k, v, agents, bias1, bias2, scale1, scale2, o, va, lse1, ls
     db2 = None
     if bias2 is not None:
         db2 = torch.zeros(H, N, BA, device=dev, dtype=torch.float32)
-        blocks = triton.cdiv(N, BM)
-        bsplit = _batch_splits(blocks, H, B, dev)
-        b_chunk = triton.cdiv(B, bsplit)
-        _bias2_bwd[(blocks, H, triton.cdiv(B, b_chunk))](
+        grid, b_chunk = _bias_grid(triton.cdiv(N, BM), H, B, dev)
+        _bias2_bwd[grid](
             q, agents, va, b2, o, do, lse2, db2, N, n, H, float(scale2), b_chunk, B, *qs, *as_, *os_, *b2s,
             BM=BM, **meta,
         )
@@ -139,10 +142,8 @@ def _backward(do, q, k, v, agents, bias1, bias2, scale1, scale2, o, va, lse1, ls
     db1 = None
     if bias1 is not None:
         db1 = torch.zeros(H, BA, N, device=dev, dtype=torch.float32)
-        blocks = triton.cdiv(N, BN)
-        bsplit = _batch_splits(blocks, H, B, dev)
-        b_chunk = triton.cdiv(B, bsplit)
-        _bias1_bwd[(blocks, H, triton.cdiv(B, b_chunk))](
+        grid, b_chunk = _bias_grid(triton.cdiv(N, BN), H, B, dev)
+        _bias1_bwd[grid](
             agents, k, v, b1, va, dva, lse1, db1, N, n, H, float(scale1), b_chunk, B, *as_, *ks, *vs, *b1s,
             BN=BN, **meta,
         )
@@ -167,7 +168,7 @@ def _agent_fwd_op(
 @_agent_fwd_op.register_fake
 def _(q, k, v, agents, bias1, bias2, scale1, scale2):
     B, H, N, D = q.shape
-    BA, BD = _pow2(agents.shape[2]), _pow2(D)
+    BA, BD = _blocks(agents.shape[2], D)[:2]
     f32 = torch.float32
     return (_new_output(q), q.new_empty((B * H, BA, BD), dtype=f32), q.new_empty((B * H, BA), dtype=f32),
             q.new_empty((B * H, N), dtype=f32))
