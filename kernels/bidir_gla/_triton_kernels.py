@@ -215,7 +215,7 @@ def _bwd_out(
 ):
     """dq, dk, dv of one chunk (both directions summed on chip) and the per-direction gate terms
     ``dA_d = q ⊙ dq_d − k ⊙ dk_d`` (``DA [2, B·H, N, DK]`` fp32, direction 0 stored in reversed token order so that
-    one ascending cumulative sum per direction gives the gate gradients). Grid ``(B·H, n_chunks)``; ``ST`` holds the
+    ascending cumulative sums give both directions' gate gradients; ``triton._gate_grads`` sums them per chunk). Grid ``(B·H, n_chunks)``; ``ST`` holds the
     forward states (kind 0) and the gradient states (kind 1) entering each chunk."""
     pid_bh, c = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads

@@ -125,9 +125,9 @@ class _Run:
               augment: GpuAugment, start: int = 0, clock_seconds: float = 0.0, manual_sync: bool = False,
               time_budget: float | None = None, on_fit: Callable[[int], None] | None = None) -> None:
         """Optimiser steps ``start..steps`` of ``stage``: micro-batches, accumulation, clipping, logs, evaluations,
-        checkpoints, the callback. With ``time_budget`` (seconds of this stage's clock), steps ``start + 10`` to
-        ``start + 10 + calibrate_steps`` are timed and the step count shrinks (never grows) to fit; ``on_fit(steps)`` then
-        shortens the schedules. The fitted count is logged (``budget_steps``) and kept on resume."""
+        checkpoints, the callback. With ``time_budget`` (seconds of this stage's clock) a :class:`StepBudget` times a
+        window of steps and the step count shrinks (never grows) to fit; ``on_fit(steps)`` then shortens the
+        schedules. The fitted count is logged (``budget_steps``) and kept on resume."""
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.acc
