@@ -9,7 +9,8 @@
 
 The models are built from explicit configs (CLIP ViT-L/14-336 + Llama-2-7B; no download), in bf16 on CUDA. Per
 model, batch size and configuration (eager and SDPA baselines; FasterVLM at 0/50/75/90/95 % pruning; DyVTE forced to
-exit after layers 2/8/16; VAR) it reports, as medians (CUDA events):
+exit after layers 2/8/16, and routed with routers that never fire, ``dyvte-routed``: the routing cost; VAR) it
+reports, as medians (CUDA events):
 
 - ``ttft_ms``: one full forward on the prompt (vision tower, scoring, projector, LLM prefill, LM head), over
   ``--reps`` runs after ``--warmup``;
@@ -172,8 +173,9 @@ def configurations(num_layers: int, tiny: bool) -> list[tuple[str, str | None, d
     rows += [(f"fastervlm-{round(r * 100)}%", "fastervlm", {"keep": 1.0} if r == 0 else {"reduction": r}, "sdpa")
              for r in (0.0, 0.5, 0.75, 0.9, 0.95)]
     exits = [2, 8, 16] if num_layers >= 32 else sorted({round(k * num_layers / 32) for k in (2, 8, 16)})
-    rows += [(f"dyvte-exit{k}", "dyvte", {"exit_layer": k, "router_hidden": 64 if tiny else 2048}, "sdpa")
-             for k in exits]
+    hidden = 64 if tiny else 2048
+    rows += [(f"dyvte-exit{k}", "dyvte", {"exit_layer": k, "router_hidden": hidden}, "sdpa") for k in exits]
+    rows += [("dyvte-routed", "dyvte", {"router_hidden": hidden}, "sdpa")]
     dims = {"sink_dims": (1,)} if tiny else {}
     rows += [("var", "var", dims, "eager"), ("var-all", "var", {**dims, "tau": 0.0, "summ": 0.0}, "eager"),
              ("var-hybrid", "var", {**dims, "tau": 0.0, "summ": 0.0, "mode": "hybrid"}, "sdpa")]
@@ -189,6 +191,8 @@ def run_one(model, inputs, method, overrides, attn, args, clock, compiled: bool)
     lm_owner, lm = parts.inner, parts.inner.language_model
     if method is not None:
         visionfx.patch(model, method, **overrides)
+        if method == "dyvte" and overrides.get("exit_layer") is None:
+            silence_routers(model)
     try:
         if compiled:
             lm_owner.language_model = torch.compile(lm, backend=args.compile_backend)
@@ -219,11 +223,28 @@ def run_one(model, inputs, method, overrides, attn, args, clock, compiled: bool)
             out.update(decode_ms=decode, decode_tok_s=batch * 1e3 / decode if decode > 0 else None,
                        decode_steps=len(steps))
         out["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if clock.cuda else None
+        if method == "dyvte":  # of the last call (L − 1: never exited)
+            from visionfx.patches.llava import get_handle
+
+            out["exit_layers"] = get_handle(model).exit_layers.tolist()
         return out
     finally:
         lm_owner.language_model = lm
         if method is not None and visionfx.is_patched(model):
             visionfx.unpatch(model)
+
+
+def silence_routers(model) -> None:
+    """Zero the output layer of every DyVTE router: logits 0, P(exit) = 0.5, never above the threshold, so every
+    layer evaluates its router and no sample exits (random routers would exit at random layers): the
+    ``dyvte-routed`` row against ``sdpa`` is the routing cost in full."""
+    from visionfx.patches.llava import get_handle
+
+    with torch.no_grad():
+        for router in get_handle(model).routers:
+            router.w2.weight.zero_()
+            if router.w2.bias is not None:
+                router.w2.bias.zero_()
 
 
 def decode_steps(model, inputs, n: int, reps: int, clock) -> list[float]:

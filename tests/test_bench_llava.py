@@ -23,7 +23,7 @@ def load_script():
 def test_tiny_run_writes_json(tmp_path, capsys):
     bench = load_script()
     out = tmp_path / "llava.json"
-    configs = "sdpa,fastervlm-75%,dyvte-exit1,var-hybrid"
+    configs = "sdpa,fastervlm-75%,dyvte-exit1,dyvte-routed,var-hybrid"
     assert bench.main(["--tiny", "--models", "llava", "--batch-sizes", "2", "--configs", configs, "--reps", "1",
                        "--warmup", "0", "--new-tokens", "3", "--decode-reps", "2", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
@@ -38,6 +38,9 @@ def test_tiny_run_writes_json(tmp_path, capsys):
         assert r["decode_tok_s"] == pytest.approx(2e3 / r["decode_ms"])
     assert rows["sdpa"]["lm_tokens"] == rows["sdpa"]["prompt_tokens"] == 16 + 65
     assert rows["fastervlm-75%"]["lm_tokens"] == rows["sdpa"]["lm_tokens"] - 12
+    layers = bench._llama7b(tiny=True).num_hidden_layers
+    assert rows["dyvte-exit1"]["exit_layers"] == [1, 1]
+    assert rows["dyvte-routed"]["exit_layers"] == [layers - 1] * 2  # every router ran, none fired
     text = capsys.readouterr().out
     assert "FasterVLM scoring overhead" in text and "rows left" in text
 
@@ -47,7 +50,8 @@ def test_configurations_cover_the_sweep():
     names = [c[0] for c in bench.configurations(32, tiny=False)]
     assert names[:2] == ["eager", "sdpa"]
     assert [n for n in names if n.startswith("fastervlm")] == [f"fastervlm-{p}%" for p in (0, 50, 75, 90, 95)]
-    assert [n for n in names if n.startswith("dyvte")] == ["dyvte-exit2", "dyvte-exit8", "dyvte-exit16"]
+    assert [n for n in names if n.startswith("dyvte")] == ["dyvte-exit2", "dyvte-exit8", "dyvte-exit16",
+                                                                  "dyvte-routed"]
     assert {"var", "var-all", "var-hybrid"} <= set(names)
 
 

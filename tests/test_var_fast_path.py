@@ -7,6 +7,8 @@ a no-grad run (for the autograd-safe path). The tiny model, sink injection and r
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import visionfx
@@ -104,3 +106,33 @@ def test_decoding_masks_grow_beyond_capacity(llava, batch, cleanup):
         assert all(torch.equal(a, b) for a, b in zip(entry["masks"], ref))
     ctx = handle._context(2, 3, P)
     assert ctx["image"].shape == ctx["sinks"].shape == (2, P) and ctx["rows"].shape == (2, 3)
+
+
+def test_host_syncs_per_prefill_and_generation_do_not_grow_with_layers(batch, cleanup, monkeypatch):
+    """One device sync per prefill and one per generation (at its first decoding step), whatever the number of
+    layers VAR acts on (a sync per layer drained the GPU's queue at batch 1)."""
+    from tiny_llava import build_llava
+
+    model = build_llava(attn_implementation="eager", text_layers=8)  # VAR layers 2..6
+    hook, _ = inject(model, batch, INJECT)
+    syncs = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **kw):
+            if sys._getframe(1).f_code.co_filename == var_mod.__file__:
+                syncs.append(sys._getframe(1).f_code.co_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    try:
+        handle = get_handle(visionfx.patch(model, "var", sink_dims=[D], tau=TAU, summ=0.1))
+        assert len(handle.layers) == 5
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=5, do_sample=False)
+        assert out.shape[1] == batch["input_ids"].shape[1] + 5
+        assert len(syncs) == 2, syncs
+        assert set(handle._decode_layers) == set(handle.layers)  # the injected sinks persist in the residual stream
+    finally:
+        hook.remove()
+        visionfx.unpatch(model)

@@ -30,11 +30,11 @@ def _finish(model, attn_implementation):
     return model.eval()
 
 
-def build_llava(seed: int = 0, attn_implementation: str | None = None, **overrides):
+def build_llava(seed: int = 0, attn_implementation: str | None = None, text_layers: int = 4, **overrides):
     """A tiny ``LlavaForConditionalGeneration`` in eval mode, fp32, CPU (16 image tokens per image)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    vision, text = _sub_configs()
+    vision, text = _sub_configs(text_layers=text_layers)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                          image_seq_length=NUM_PATCHES, vision_feature_layer=-2,
                          vision_feature_select_strategy="default", **overrides)

@@ -19,14 +19,16 @@ How it runs:
 
 Cost (MLLM.md §3.7, PERFORMANCE.md: ≤ 1.3× eager): the eager path materialises exactly what eager attention does;
 VAR's own work is confined to the rows that can change (in prefill the rows from the earliest end of an image with
-a visual sink: tens of rows, not the [B, H, L, L] matrix). Without gradients on CUDA the redistribution is one
+an image: tens of rows, not the [B, H, L, L] matrix). Without gradients on CUDA the redistribution is one
 Triton kernel per call (``kernels/var_redistribute``: masses accumulated in float64, head test and update in one
 program per row, written into the cast weights in place; chosen once per device). The reference, used elsewhere and
 with gradients, takes the four row masses from one float64 matmul against 0/1 key masks (exact whatever the fp32
 matmul precision), applies one fused ``α + α·scale`` and writes the changed rows in place (no grad) or concatenates
-them (grad). Sink scores reduce the squared norm in fp32 straight from the bf16 residual stream. The host learns once per prefill whether any image exists and once per
-layer whether it has visual sinks and its first modifiable row (one device sync each); decoding steps slice padded
-masks kept per layer and need no sync.
+them (grad). Sink scores reduce the squared norm in fp32 straight from the bf16 residual stream. The host syncs
+with the device once per prefill (whether any image exists, and the first row after an image) and once per
+generation (at its first decoding step: which layers have a visual sink at all); in prefill a layer without visual
+sinks runs the update on deselected rows (a no-op) rather than asking the device, and decoding steps slice padded
+masks kept per layer.
 
 Decisions the docs leave open:
 - Sink sets are computed over the prompt only (positions before the recorded prompt length), so generation without
@@ -246,14 +248,14 @@ class VARHandle(LlavaHandle):
         self.sink_dims = tuple(dims)
         self.layers = tuple(i for i in default if config.layers is None or i in config.layers)
         self.sink_masks: dict[int, torch.Tensor] = {}
-        self._active: dict[int, tuple] = {}
+        self._active: dict[int, torch.Tensor] = {}
         self.state = None
         self._prefill = False
         self._prompt_length = self._image_mask = None
         self._valid_run = False
         self._masks: dict[int, dict] = {}
         self._kernels: dict[str, Callable | None] = {}
-        self._any_image = False
+        self._any_image, self._first_row, self._decode_layers = False, 0, None
         self._sink_ok = self._dims_index = None
 
     def install(self) -> None:
@@ -301,8 +303,12 @@ class VARHandle(LlavaHandle):
         length = (ids if ids is not None else embeds).shape[1]
         st = self.state = prompt_state(ids, kw.get("attention_mask"), self.parts.image_token_id, self._image_mask,
                                        length, self._prompt_length)
-        # decided once per prefill (one device sync), not once per layer
-        self._any_image = bool(st.has_image.any())
+        # the prefill's one device sync: whether any image exists, and the first row after an image's end (rows
+        # before it cannot change in any layer); per-layer facts stay on the device
+        bound = torch.where(st.has_image, st.last_image + 1, st.length).min()
+        any_image, first = torch.stack([st.has_image.any().long(), bound]).tolist()
+        self._any_image, self._first_row = bool(any_image), int(first)
+        self._decode_layers = None
         pos = torch.arange(st.length, device=st.image.device)
         self._sink_ok = st.valid & (pos < st.prompt_length)
 
@@ -316,11 +322,9 @@ class VARHandle(LlavaHandle):
             score = sink_scores(x, self._dims_index)
         sinks = (score > self.config.tau) & self._sink_ok
         self.sink_masks[index] = sinks
-        has = (sinks & st.image).any(1)
-        starts = torch.where(has, st.last_image + 1, torch.full_like(st.last_image, st.length))
-        # decided once per layer and prefill on the host (one sync), so decoding steps need none
-        any_has, first = torch.stack([has.any().long(), starts.min()]).tolist()
-        self._active[index] = (has, bool(any_has), int(first))
+        # samples with a visual sink at this layer; no host sync: in prefill a layer without one runs the
+        # redistribution on rows that are all deselected (a no-op, bit for bit)
+        self._active[index] = (sinks & st.image).any(1)
 
     def _kernel(self, device_type: str) -> Callable | None:
         """The Triton redistribution for weights on ``device_type`` (None: the reference), chosen once per device."""
@@ -348,10 +352,18 @@ class VARHandle(LlavaHandle):
     def _context(self, layer: int, q_len: int, s_len: int) -> dict | None:
         """What :func:`var_attention` needs at ``layer`` for ``q_len`` queries over ``s_len`` keys (``None``:
         nothing can change)."""
-        st, active = self.state, self._active.get(layer)
-        if st is None or active is None or not active[1] or layer not in self.sink_masks:
+        st, has = self.state, self._active.get(layer)
+        if st is None or has is None:
             return None
-        has = active[0]
+        if not self._prefill:
+            if self._decode_layers is None:  # the generation's one sync: which layers have a visual sink at all
+                flags = torch.stack([a.any() for a in self._active.values()]).tolist()
+                self._decode_layers = {i for i, f in zip(self._active, flags) if f}
+            if layer not in self._decode_layers:
+                return None
+        first = max(self._first_row - (s_len - q_len), 0) if self._prefill else 0
+        if first >= q_len:
+            return None
         kernel = self._kernel(has.device.type)
         masks = self._layer_masks(layer, s_len, column=kernel is None)
         B = has.shape[0]
@@ -359,9 +371,8 @@ class VARHandle(LlavaHandle):
             absolute = torch.arange(s_len - q_len, s_len, device=has.device)
             valid = st.valid if st.valid.shape[1] >= s_len else nn.functional.pad(st.valid, (0, s_len - st.length))
             rows = (absolute[None, :] > st.last_image[:, None]) & valid[:, s_len - q_len:s_len] & has[:, None]
-            first = max(active[2] - (s_len - q_len), 0)
         else:
-            rows, first = has[:, None].expand(B, q_len), 0
+            rows = has[:, None].expand(B, q_len)
         cfg = self.config
         return {"image": masks["image"][:, :s_len], "sinks": masks["sinks"][:, :s_len], "rows": rows,
                 "first_row": first, "masks": masks["masks"], "kernel": kernel,
