@@ -104,8 +104,11 @@ def test_decoding_masks_grow_beyond_capacity(llava, batch, cleanup):
         assert torch.equal(entry["image"], torch.nn.functional.pad(handle.state.image, (0, n - P)))
         ref = column_masks(entry["image"], entry["sinks"], 0.6, torch.float32, torch.float64)
         assert all(torch.equal(a, b) for a, b in zip(entry["masks"], ref))
-    ctx = handle._context(2, 3, P)
-    assert ctx["image"].shape == ctx["sinks"].shape == (2, P) and ctx["rows"].shape == (2, 3)
+    ctx = handle._context(2, P, P)  # a prefill holds the whole prompt
+    assert ctx["image"].shape == ctx["sinks"].shape == (2, P) and ctx["rows"].shape == (2, P)
+    handle._prefill = False  # as the next decoding step would set it
+    ctx = handle._context(2, 1, P + 1)
+    assert ctx["image"].shape == ctx["sinks"].shape == (2, P + 1) and ctx["rows"].shape == (2, 1)
 
 
 def test_host_syncs_per_prefill_and_generation_do_not_grow_with_layers(batch, cleanup, monkeypatch):

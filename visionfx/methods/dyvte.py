@@ -8,7 +8,9 @@ positions are gone from hidden states, keys/values, queries, RoPE tables and mas
 
 How it runs (hooks only, patches/llava.py holds the bookkeeping):
 - a pre-hook on ``LlavaModel`` records the image span, padding and prompt length of each forward (prefill = empty
-  cache); a forward hook on each decoder layer ℓ ≤ L−2 evaluates the routers of the samples still running;
+  cache); a forward hook on each decoder layer ℓ ≤ L−2 evaluates the routers of the samples still running (the text
+  span they average is found once per prefill; each routed layer then costs the router's two products and one
+  device sync, since the next layer's shapes depend on its decision);
 - a pre-hook (``with_kwargs=True``) on each decoder layer compacts, once every sample has exited: it gathers the
   hidden states (first compacted layer), ``cos``/``sin`` and the mask (eager float, SDPA bool, FlashAttention 2-D,
   ``None`` stays ``None``) at the kept positions and passes ``position_ids=None``; in decoding it gathers the mask
@@ -49,8 +51,8 @@ from visionfx.patches.llava import (LlavaHandle, LlavaParts, PromptState, check_
                                     layer_hidden, prompt_state, with_layer_hidden)
 from visionfx.registry import MethodSpec
 
-__all__ = ["DyVTEConfig", "Router", "DyVTEHandle", "router_features", "exit_decision", "block_mask", "apply_block",
-           "gather_mask", "save_routers", "load_routers", "routers_from_official"]
+__all__ = ["DyVTEConfig", "Router", "DyVTEHandle", "router_features", "text_span", "span_features", "exit_decision",
+           "block_mask", "apply_block", "gather_mask", "save_routers", "load_routers", "routers_from_official"]
 
 POLICIES = ("exact", "last")
 
@@ -137,16 +139,37 @@ def router_features(hidden: torch.Tensor, image: torch.Tensor, valid: torch.Tens
         positions strictly between the last image token and end, hidden[end])``; ``defined`` is False where that span
         is empty (the mean is then 0).
     """
-    B, L, D = hidden.shape
-    h = hidden.detach()
-    pos = torch.arange(L, device=h.device).expand(B, L)
+    span = text_span(image, valid, end)
+    return span_features(hidden, span), span.defined
+
+
+@dataclass
+class TextSpan:
+    """The text positions a router averages (:func:`text_span`), kept per prefill: they do not change by layer."""
+
+    weights: torch.Tensor  # [B, L, 1] fp32 0/1
+    count: torch.Tensor  # [B, 1] fp32, at least 1
+    last: torch.Tensor  # [B, 1, 1] long, the final prompt position
+    defined: torch.Tensor  # [B] bool: the span is not empty
+
+
+def text_span(image: torch.Tensor, valid: torch.Tensor, end: torch.Tensor) -> TextSpan:
+    """The valid positions strictly between each sample's last image token and ``end`` (see :func:`router_features`)."""
+    B, L = image.shape
+    pos = torch.arange(L, device=image.device).expand(B, L)
     last_img = torch.where(image, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
     span = (pos > last_img) & (pos < end[:, None]) & valid
     count = span.sum(1)
-    acc = h.to(torch.promote_types(h.dtype, torch.float32))
-    mean = (acc * span[..., None]).sum(1) / count.clamp(min=1)[:, None]
-    last = h.gather(1, end.view(B, 1, 1).expand(B, 1, D)).squeeze(1)
-    return torch.cat([mean.to(h.dtype), last], dim=-1), count > 0
+    return TextSpan(weights=span[..., None].float(), count=count.clamp(min=1)[:, None].float(),
+                    last=end.view(B, 1, 1), defined=count > 0)
+
+
+def span_features(hidden: torch.Tensor, span: TextSpan) -> torch.Tensor:
+    """:func:`router_features`' ``feat`` from a precomputed :class:`TextSpan` (the mean accumulated in fp32)."""
+    h = hidden.detach()
+    mean = (h * span.weights).sum(1) / span.count  # promoted to fp32 (fp64 stays fp64); 0/1 weights are exact
+    last = h.gather(1, span.last.expand(-1, 1, h.shape[-1])).squeeze(1)
+    return torch.cat([mean.to(h.dtype), last], dim=-1)
 
 
 def exit_decision(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -168,6 +191,8 @@ class _Sequence:
     exit_list: list = field(default_factory=list)  # host copies, so layers need no device sync to decide
     has_list: list = field(default_factory=list)
     compact_from: int | None = None
+    span: "TextSpan | None" = None  # routed prefills: the routers' text span, and the samples that can exit
+    routable: torch.Tensor | None = None
 
 
 @dataclass
@@ -379,8 +404,19 @@ class DyVTEHandle(LlavaHandle):
             exits = forced.clone()
         exits[~has] = -1
         keep, slot_valid = _keep_indices(st.image)
-        self._seq = _Sequence(state=st, exits=exits, keep=keep, slot_valid=slot_valid, routed=forced is None,
-                              exit_list=exits.tolist(), has_list=has.tolist())
+        seq = _Sequence(state=st, exits=exits, keep=keep, slot_valid=slot_valid, routed=forced is None)
+        if seq.routed:
+            seq.span = text_span(st.image, st.valid, torch.full_like(exits, st.prompt_length - 1))
+            seq.routable = has & seq.span.defined
+            lists = torch.stack([exits, has.long(), seq.routable.long()]).tolist()
+            seq.exit_list, seq.has_list, routable = lists[0], [bool(v) for v in lists[1]], lists[2]
+            if routable != lists[1] and not self._warned:
+                self._warned = True
+                warnings.warn("DyVTE: a prompt has no text between its last image token and its final position; "
+                              "its router input is undefined and it never exits", stacklevel=2)
+        else:
+            seq.exit_list, seq.has_list = exits.tolist(), has.tolist()
+        self._seq = seq
         self.exit_layers = exits
         self._step = _Step(prefill=True, total=length, float_dtype=float_dtype)
 
@@ -460,20 +496,13 @@ class DyVTEHandle(LlavaHandle):
             return
         if not any(e == self.num_layers - 1 and h for e, h in zip(seq.exit_list, seq.has_list)):
             return
-        pending = (seq.exits == self.num_layers - 1) & seq.state.has_image
         hidden = output[0] if isinstance(output, tuple) else output
-        st = seq.state
-        end = torch.full_like(seq.exits, st.prompt_length - 1)
-        feat, defined = router_features(hidden, st.image, st.valid, end)
+        # the samples still running whose router input is defined (the warning for the others came with the prefill)
+        pending = (seq.exits == self.num_layers - 1) & seq.routable
         with torch.no_grad():
-            logits = self.routers[index](feat.to(self.routers[index].w1.weight.device))
-        fire = exit_decision(logits, self.config.threshold).to(pending.device) & pending & defined
-        if bool((pending & ~defined).any()) and not self._warned:
-            self._warned = True
-            warnings.warn("DyVTE: a prompt has no text between its last image token and its final position; its "
-                          "router input is undefined and it never exits", stacklevel=2)
-        seq.exits[fire] = index
-        seq.exit_list = seq.exits.tolist()
+            logits = self.routers[index](span_features(hidden, seq.span).to(self.routers[index].w1.weight.device))
+        seq.exits.masked_fill_(exit_decision(logits, self.config.threshold).to(pending.device) & pending, index)
+        seq.exit_list = seq.exits.tolist()  # the layer's one device sync: the next layer's shape depends on it
 
 
 def _keep_indices(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

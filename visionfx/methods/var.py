@@ -255,7 +255,7 @@ class VARHandle(LlavaHandle):
         self._valid_run = False
         self._masks: dict[int, dict] = {}
         self._kernels: dict[str, Callable | None] = {}
-        self._any_image, self._first_row, self._decode_layers = False, 0, None
+        self._any_image, self._first_row, self._decode_layers, self._after_image = False, 0, None, None
         self._sink_ok = self._dims_index = None
 
     def install(self) -> None:
@@ -308,7 +308,7 @@ class VARHandle(LlavaHandle):
         bound = torch.where(st.has_image, st.last_image + 1, st.length).min()
         any_image, first = torch.stack([st.has_image.any().long(), bound]).tolist()
         self._any_image, self._first_row = bool(any_image), int(first)
-        self._decode_layers = None
+        self._decode_layers = self._after_image = None
         pos = torch.arange(st.length, device=st.image.device)
         self._sink_ok = st.valid & (pos < st.prompt_length)
 
@@ -340,9 +340,11 @@ class VARHandle(LlavaHandle):
         entry = self._masks.get(layer)
         if entry is None or entry["capacity"] < s_len:
             st, sinks = self.state, self.sink_masks[layer]
-            capacity = max(s_len, st.length) + (256 if entry is None else max(s_len, entry["capacity"]))
-            pad = capacity - st.length
-            image, sinks = (nn.functional.pad(t, (0, pad)) for t in (st.image, sinks))
+            if entry is None and s_len <= st.length:  # prefill: the recorded masks, no copy
+                capacity, image = st.length, st.image
+            else:  # decoding: room for this step and about as many again
+                capacity = max(s_len, st.length) + max(s_len, st.length if entry is None else entry["capacity"])
+                image, sinks = (nn.functional.pad(t, (0, capacity - st.length)) for t in (st.image, sinks))
             entry = self._masks[layer] = {"capacity": capacity, "image": image, "sinks": sinks, "masks": None}
         if column and entry["masks"] is None:
             entry["masks"] = column_masks(entry["image"], entry["sinks"], self.config.p, torch.float32,
@@ -366,13 +368,13 @@ class VARHandle(LlavaHandle):
             return None
         kernel = self._kernel(has.device.type)
         masks = self._layer_masks(layer, s_len, column=kernel is None)
-        B = has.shape[0]
-        if self._prefill:
-            absolute = torch.arange(s_len - q_len, s_len, device=has.device)
-            valid = st.valid if st.valid.shape[1] >= s_len else nn.functional.pad(st.valid, (0, s_len - st.length))
-            rows = (absolute[None, :] > st.last_image[:, None]) & valid[:, s_len - q_len:s_len] & has[:, None]
+        if self._prefill:  # a prefill holds the whole prompt: q_len == s_len == state.length
+            if self._after_image is None:  # rows after their sample's last image token, once per prefill
+                pos = torch.arange(st.length, device=has.device)
+                self._after_image = (pos[None, :] > st.last_image[:, None]) & st.valid
+            rows = self._after_image & has[:, None]
         else:
-            rows = has[:, None].expand(B, q_len)
+            rows = has[:, None].expand(has.shape[0], q_len)
         cfg = self.config
         return {"image": masks["image"][:, :s_len], "sinks": masks["sinks"][:, :s_len], "rows": rows,
                 "first_row": first, "masks": masks["masks"], "kernel": kernel,
