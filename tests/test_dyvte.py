@@ -8,6 +8,7 @@ per-sample runs for batches; hand-computed router features; synthetic logits for
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from pathlib import Path
 
@@ -193,6 +194,33 @@ def test_last_layer_exit_and_silent_routers_are_bit_identical(llava, batch, unpa
         assert torch.equal(llava(**batch).logits, ref)
     assert handle.exit_layers.tolist() == [L - 1, L - 1] and handle.compact_from is None
     same_generation(greedy(llava, batch), ref_gen)
+
+
+def test_routed_prefill_syncs_once_per_routed_layer(sdpa_llava, batch, unpatch_after, monkeypatch):
+    """Each routed layer asks the device once (its decision shapes the next layer); nothing else per layer."""
+    from visionfx.methods import dyvte as dyvte_mod
+
+    handle = patch(sdpa_llava)
+    unpatch_after(sdpa_llava)
+    with torch.no_grad():
+        for r in handle.routers:
+            r.w2.weight.zero_()  # never exits: every layer ≤ L−2 routes
+    syncs = []
+    for name in ("tolist", "item", "__bool__", "__int__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **kw):
+            frame = sys._getframe(1).f_code
+            if frame.co_filename == dyvte_mod.__file__:
+                syncs.append(frame.co_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with torch.no_grad():
+        sdpa_llava(**batch)
+    monkeypatch.undo()
+    assert syncs.count("_after_layer") == L - 1  # layers 0..L−2
+    assert handle.exit_layers.tolist() == [L - 1, L - 1]
 
 
 # --- invariant 13: cache lengths per layer --------------------------------------------------------------------------
