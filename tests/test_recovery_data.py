@@ -256,6 +256,7 @@ def test_fidelity_script_tiny(reference, cache_dir, tmp_path):
     rc = script.main(["--data", str(ARCHIVE), "--cache-dir", str(cache_dir), "--limit", str(LIMIT),
                       "--reference", str(reference), "--output", str(tmp_path / "fid"), "--md", str(md),
                       "--mixers", "agentsd,slab", "--max-steps", "1", "--batch-size", "8", "--cpu", "--no-progress",
+                      "--distill-set", "compile=false",
                       "--budget-share", "0.5"])
     assert rc == 0
     results = json.loads((tmp_path / "fid" / "fidelity.json").read_text())
