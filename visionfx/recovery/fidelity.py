@@ -47,8 +47,9 @@ def environment() -> dict:
 def warm_up(reference, mixer, config: DistillConfig, data: ImageData | None = None) -> float:
     """Seconds spent on one forward and backward of the patched reference at each batch size of ``config`` (and one
     evaluation forward), under bf16 autocast on CUDA: Triton kernels compile and autotune here, once per shape. 0 off
-    CUDA (nothing to compile or tune). With ``config.compile`` (and ``data``), a two-step :func:`distill` of a copy
-    runs instead, so that ``torch.compile``'s traces and Inductor's kernels of stage 2 are built here too."""
+    CUDA (nothing to compile or tune). With ``config.compile`` (and ``data``), a short :func:`distill` of a copy
+    (at most 2 + 12 steps) runs instead, so that ``torch.compile``'s traces and Inductor's kernels of stage 2 are
+    built here too."""
     import time
 
     import visionfx
