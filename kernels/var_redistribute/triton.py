@@ -94,7 +94,8 @@ def redistribute_triton(attn: torch.Tensor, image: torch.Tensor, sinks: torch.Te
         raise ValueError(f"out must be a {tuple(attn.shape)} tensor with a contiguous last dimension")
     if B * H * Q == 0 or S == 0:
         return out
-    img, snk = (t[:, :S] if t.stride(-1) == 1 else t[:, :S].contiguous() for t in (image, sinks))
+    # wider masks are read as they are (the kernel masks columns ≥ S): no slicing on the per-step path
+    img, snk = (t if t.stride(-1) == 1 else t[:, :S].contiguous() for t in (image, sinks))
     img, snk, sel = img.view(torch.uint8), snk.view(torch.uint8), rows.view(torch.uint8)
     block = min(triton.next_power_of_2(S), 2048)
     _var_rows[(B * H * Q,)](
@@ -105,4 +106,3 @@ def redistribute_triton(attn: torch.Tensor, image: torch.Tensor, sinks: torch.Te
         OFFICIAL=bool(official), BLOCK=block, num_warps=4 if block <= 1024 else 8,
     )
     return out
-

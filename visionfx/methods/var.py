@@ -255,8 +255,10 @@ class VARHandle(LlavaHandle):
         self._valid_run = False
         self._masks: dict[int, dict] = {}
         self._kernels: dict[str, Callable | None] = {}
-        self._any_image, self._first_row, self._decode_layers, self._after_image = False, 0, None, None
-        self._sink_ok = self._dims_index = None
+        self._any_image, self._first_row, self._decode_layers = False, 0, None
+        self._sink_ok = self._after_image = self._dims_index = None
+        self._params = {"p": config.p, "rho": config.rho, "summ": config.summ, "eps": config.eps,
+                        "official": config.preset == "official_code"}
 
     def install(self) -> None:
         _register()
@@ -308,9 +310,10 @@ class VARHandle(LlavaHandle):
         bound = torch.where(st.has_image, st.last_image + 1, st.length).min()
         any_image, first = torch.stack([st.has_image.any().long(), bound]).tolist()
         self._any_image, self._first_row = bool(any_image), int(first)
-        self._decode_layers = self._after_image = None
+        self._decode_layers = None
         pos = torch.arange(st.length, device=st.image.device)
         self._sink_ok = st.valid & (pos < st.prompt_length)
+        self._after_image = (pos[None, :] > st.last_image[:, None]) & st.valid  # the rows a prefill may change
 
     def _record_sinks(self, index: int, x: torch.Tensor) -> None:
         st = self.state
@@ -354,8 +357,8 @@ class VARHandle(LlavaHandle):
     def _context(self, layer: int, q_len: int, s_len: int) -> dict | None:
         """What :func:`var_attention` needs at ``layer`` for ``q_len`` queries over ``s_len`` keys (``None``:
         nothing can change)."""
-        st, has = self.state, self._active.get(layer)
-        if st is None or has is None:
+        has = self._active.get(layer)
+        if self.state is None or has is None:
             return None
         if not self._prefill:
             if self._decode_layers is None:  # the generation's one sync: which layers have a visual sink at all
@@ -363,23 +366,14 @@ class VARHandle(LlavaHandle):
                 self._decode_layers = {i for i, f in zip(self._active, flags) if f}
             if layer not in self._decode_layers:
                 return None
-        first = max(self._first_row - (s_len - q_len), 0) if self._prefill else 0
+        first = self._first_row if self._prefill else 0  # a prefill holds the whole prompt: q_len == s_len
         if first >= q_len:
             return None
         kernel = self._kernel(has.device.type)
         masks = self._layer_masks(layer, s_len, column=kernel is None)
-        if self._prefill:  # a prefill holds the whole prompt: q_len == s_len == state.length
-            if self._after_image is None:  # rows after their sample's last image token, once per prefill
-                pos = torch.arange(st.length, device=has.device)
-                self._after_image = (pos[None, :] > st.last_image[:, None]) & st.valid
-            rows = self._after_image & has[:, None]
-        else:
-            rows = has[:, None].expand(has.shape[0], q_len)
-        cfg = self.config
+        rows = self._after_image & has[:, None] if self._prefill else has[:, None].expand(has.shape[0], q_len)
         return {"image": masks["image"][:, :s_len], "sinks": masks["sinks"][:, :s_len], "rows": rows,
-                "first_row": first, "masks": masks["masks"], "kernel": kernel,
-                "params": {"p": cfg.p, "rho": cfg.rho, "summ": cfg.summ, "eps": cfg.eps,
-                           "official": cfg.preset == "official_code"}}
+                "first_row": first, "masks": masks["masks"], "kernel": kernel, "params": self._params}
 
 
 METHOD = MethodSpec(
