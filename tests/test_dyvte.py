@@ -8,7 +8,6 @@ per-sample runs for batches; hand-computed router features; synthetic logits for
 from __future__ import annotations
 
 import inspect
-import sys
 import warnings
 from pathlib import Path
 
@@ -205,17 +204,7 @@ def test_routed_prefill_syncs_once_per_routed_layer(sdpa_llava, batch, unpatch_a
     with torch.no_grad():
         for r in handle.routers:
             r.w2.weight.zero_()  # never exits: every layer ≤ L−2 routes
-    syncs = []
-    for name in ("tolist", "item", "__bool__", "__int__", "nonzero"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _original=original, **kw):
-            frame = sys._getframe(1).f_code
-            if frame.co_filename == dyvte_mod.__file__:
-                syncs.append(frame.co_name)
-            return _original(self, *a, **kw)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    syncs = tiny_llava.count_host_syncs(monkeypatch, dyvte_mod)
     with torch.no_grad():
         sdpa_llava(**batch)
     monkeypatch.undo()

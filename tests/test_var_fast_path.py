@@ -7,8 +7,6 @@ a no-grad run (for the autograd-safe path). The tiny model, sink injection and r
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 import visionfx
@@ -114,20 +112,11 @@ def test_decoding_masks_grow_beyond_capacity(llava, batch, cleanup):
 def test_host_syncs_per_prefill_and_generation_do_not_grow_with_layers(batch, cleanup, monkeypatch):
     """One device sync per prefill and one per generation (at its first decoding step), whatever the number of
     layers VAR acts on (a sync per layer drained the GPU's queue at batch 1)."""
-    from tiny_llava import build_llava
+    from tiny_llava import build_llava, count_host_syncs
 
     model = build_llava(attn_implementation="eager", text_layers=8)  # VAR layers 2..6
     hook, _ = inject(model, batch, INJECT)
-    syncs = []
-    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _original=original, **kw):
-            if sys._getframe(1).f_code.co_filename == var_mod.__file__:
-                syncs.append(sys._getframe(1).f_code.co_name)
-            return _original(self, *a, **kw)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    syncs = count_host_syncs(monkeypatch, var_mod)
     try:
         handle = get_handle(visionfx.patch(model, "var", sink_dims=[D], tau=TAU, summ=0.1))
         assert len(handle.layers) == 5

@@ -134,3 +134,22 @@ def greedy(model, batch: dict, new_tokens: int = 8, **kwargs):
     """Greedy ``generate`` of ``new_tokens`` tokens (no early stop), returning the output object with scores."""
     return model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           return_dict_in_generate=True, output_scores=True, pad_token_id=PAD, **kwargs)
+
+
+def count_host_syncs(monkeypatch, module) -> list[str]:
+    """Record, by function name, every tensor-to-host read (``tolist``, ``item``, ``bool``/``int``/``float``,
+    ``nonzero``: each waits for the device) made directly by code in ``module``; undone by ``monkeypatch``."""
+    import sys
+
+    calls: list[str] = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename == module.__file__:
+                calls.append(caller.co_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
