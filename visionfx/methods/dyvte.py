@@ -35,7 +35,6 @@ Decisions the docs leave open:
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 import os
 import warnings
@@ -47,6 +46,7 @@ from torch import nn
 
 from visionfx.config import MethodConfig
 from visionfx.methods.dyvte_masks import apply_block, block_mask, gather_mask, gather_seq
+from visionfx.methods.dyvte_router import Router, TextSpan, exit_decision, router_features, span_features, text_span
 from visionfx.patches.llava import (LlavaHandle, LlavaParts, PromptState, check_left_padding, is_prefill,
                                     layer_hidden, prompt_state, with_layer_hidden)
 from visionfx.registry import MethodSpec
@@ -108,75 +108,6 @@ class DyVTEConfig(MethodConfig):
         if isinstance(self.router_hidden, bool) or not isinstance(self.router_hidden, numbers.Integral) \
                 or self.router_hidden < 1:
             raise ValueError(f"dyvte: router_hidden must be a positive int, got {self.router_hidden!r}")
-
-
-class Router(nn.Module):
-    """``[..., 2D] -> [..., 2]`` logits (index 0 keep, 1 exit): W2·GELU(W1·x), no biases, exact-erf GELU."""
-
-    def __init__(self, dim: int, hidden: int = 2048, device=None, dtype=None):
-        super().__init__()
-        self.w1 = nn.Linear(2 * dim, hidden, bias=False, device=device, dtype=dtype)
-        self.act = nn.GELU()
-        self.w2 = nn.Linear(hidden, 2, bias=False, device=device, dtype=dtype)
-        nn.init.xavier_uniform_(self.w1.weight)
-        nn.init.xavier_uniform_(self.w2.weight)
-
-    def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(feat.to(self.w1.weight.dtype))))
-
-
-def router_features(hidden: torch.Tensor, image: torch.Tensor, valid: torch.Tensor,
-                    end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router input of each sample (§2.2).
-
-    Args:
-        hidden: ``[B, L, D]`` a decoder layer's output.
-        image: ``[B, L]`` bool image positions; valid: ``[B, L]`` bool non-padding positions.
-        end: ``[B]`` long, the final prompt position of each sample.
-
-    Returns:
-        ``(feat [B, 2D] detached in hidden's dtype, defined [B] bool)``: ``feat = concat(mean of hidden over valid
-        positions strictly between the last image token and end, hidden[end])``; ``defined`` is False where that span
-        is empty (the mean is then 0).
-    """
-    span = text_span(image, valid, end)
-    return span_features(hidden, span), span.defined
-
-
-@dataclass
-class TextSpan:
-    """The text positions a router averages (:func:`text_span`), kept per prefill: they do not change by layer."""
-
-    weights: torch.Tensor  # [B, L, 1] fp32 0/1
-    count: torch.Tensor  # [B, 1] fp32, at least 1
-    last: torch.Tensor  # [B, 1, 1] long, the final prompt position
-    defined: torch.Tensor  # [B] bool: the span is not empty
-
-
-def text_span(image: torch.Tensor, valid: torch.Tensor, end: torch.Tensor) -> TextSpan:
-    """The valid positions strictly between each sample's last image token and ``end`` (see :func:`router_features`)."""
-    B, L = image.shape
-    pos = torch.arange(L, device=image.device).expand(B, L)
-    last_img = torch.where(image, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
-    span = (pos > last_img) & (pos < end[:, None]) & valid
-    count = span.sum(1)
-    return TextSpan(weights=span[..., None].float(), count=count.clamp(min=1)[:, None].float(),
-                    last=end.view(B, 1, 1), defined=count > 0)
-
-
-def span_features(hidden: torch.Tensor, span: TextSpan) -> torch.Tensor:
-    """:func:`router_features`' ``feat`` from a precomputed :class:`TextSpan` (the mean accumulated in fp32)."""
-    h = hidden.detach()
-    mean = (h * span.weights).sum(1) / span.count  # promoted to fp32 (fp64 stays fp64); 0/1 weights are exact
-    last = h.gather(1, span.last.expand(-1, 1, h.shape[-1])).squeeze(1)
-    return torch.cat([mean.to(h.dtype), last], dim=-1)
-
-
-def exit_decision(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """``[B, 2]`` router logits -> ``[B]`` bool: softmax P(exit) > threshold, i.e. ``logit_exit - logit_keep >
-    log(t / (1 - t))`` (strictly; 0 at t = 0.5, the official argmax)."""
-    margin = 0.0 if threshold == 0.5 else math.log(threshold) - math.log1p(-threshold)
-    return (logits[..., 1] - logits[..., 0]).float() > margin
 
 
 @dataclass

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from visionfx.methods.dyvte import DyVTEHandle, apply_block, block_mask, router_features
+from visionfx.methods.dyvte import DyVTEHandle, apply_block, block_mask
+from visionfx.methods.dyvte_router import router_features
 from visionfx.patches.llava import get_handle, layer_hidden
 
 __all__ = ["exit_labels", "answer_start", "branch_logits", "train_routers"]
