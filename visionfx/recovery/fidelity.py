@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import time
 import traceback
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from visionfx.bench_env import short_commit
 from visionfx.recovery.config import DistillConfig
 from visionfx.recovery.data import ImageData
-from visionfx.recovery.distill import distill
+from visionfx.recovery.distill import distill, resolve_method
 from visionfx.recovery.train import load_reference
 
 __all__ = ["MIXERS", "TRAINING_FREE", "run_fidelity", "fidelity_markdown", "TARGET_RATIO", "TARGET_SHARE"]
@@ -50,34 +51,36 @@ def warm_up(reference, mixer, config: DistillConfig, data: ImageData | None = No
     CUDA (nothing to compile or tune). With ``config.compile`` (and ``data``), a short :func:`distill` of a copy
     (at most 2 + 12 steps) runs instead, so that ``torch.compile``'s traces and Inductor's kernels of stage 2 are
     built here too."""
-    import time
-
     import visionfx
-    from visionfx.recovery.distill import distill, resolve_method
 
     if not torch.cuda.is_available() or config.cpu:
         return 0.0
     model, info = load_reference(reference)
     if config.compile and data is not None and config.stage2_steps > 0:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        distill(model, mixer, data, config=config.replace(
-            stage1_steps=min(config.stage1_steps, 2), stage2_steps=12, time_budget=None, eval_at_start=False,
-            eval_every=0, save_every=0), progress=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        short = config.replace(stage1_steps=min(config.stage1_steps, 2), stage2_steps=12, time_budget=None,
+                               eval_at_start=False, eval_every=0, save_every=0)
+        return _cuda_seconds(lambda: distill(model, mixer, data, config=short, progress=False))
     visionfx.patch(model, resolve_method(mixer, config.prepbn_steps, config.default_prepbn_steps))
     model.cuda().train()
     size = int((info.get("model_kwargs") or {}).get("img_size", 32))
     dtype = torch.bfloat16 if config.mixed_precision in ("auto", "bf16") else torch.float16
+
+    def passes():
+        with torch.autocast("cuda", dtype=dtype, enabled=config.mixed_precision != "no"):
+            for batch in sorted({config.stage1_batch_size, config.stage2_batch_size}):
+                model(torch.randn(batch, 3, size, size, device="cuda")).float().square().mean().backward()
+            model.eval()
+            with torch.no_grad():
+                model(torch.randn(config.eval_batch_size, 3, size, size, device="cuda"))
+
+    return _cuda_seconds(passes)
+
+
+def _cuda_seconds(fn) -> float:
+    """Synchronised wall-clock seconds of ``fn()``."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with torch.autocast("cuda", dtype=dtype, enabled=config.mixed_precision != "no"):
-        for batch in sorted({config.stage1_batch_size, config.stage2_batch_size}):
-            model(torch.randn(batch, 3, size, size, device="cuda")).float().square().mean().backward()
-        model.eval()
-        with torch.no_grad():
-            model(torch.randn(config.eval_batch_size, 3, size, size, device="cuda"))
+    fn()
     torch.cuda.synchronize()
     return time.perf_counter() - t0
 
