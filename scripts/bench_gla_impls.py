@@ -1,9 +1,12 @@
-"""Bidirectional GLA (vig): the chunked Triton kernel vs the earlier scan kernel, measured in one process.
+"""Bidirectional GLA (vig): the Triton implementations measured in one process (``impl="direct"``, ``"chunked"``,
+the earlier ``"scan"``), with SDPA at the same shape.
 
     python scripts/bench_gla_impls.py --json gla_impls.json       # CUDA GPU; bf16, H = 6, d = 64
 
 For each (N, B): forward (``triton.testing.do_bench`` median and, in brackets, the same call replayed from a CUDA
-graph), forward+backward, and SDPA's forward at the same shape; vig's gate parametrisation (logsigmoid(x + 4) / 16).
+graph) and forward+backward; vig's gate parametrisation (logsigmoid(x + 4) / 16). ``direct`` (no stored states,
+quadratic in the number of 64-token chunks) runs up to N = 1025 only; ``auto`` picks it up to
+``DIRECT_MAX_CHUNKS`` chunks.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import argparse
 import json
 import sys
 
-SHAPES = ((64, 197), (12, 1025), (16, 4097), (1, 16385))
+SHAPES = ((1024, 65), (64, 197), (256, 197), (24, 577), (12, 1025), (16, 4097), (1, 16385))
+IMPLS = ("direct", "chunked", "scan")
+DIRECT_MAX_N = 1025
 
 
 def measure(B: int, N: int, H: int = 6, d: int = 64) -> dict:
@@ -27,7 +32,13 @@ def measure(B: int, N: int, H: int = 6, d: int = 64) -> dict:
     gf, gb = (t.cuda().requires_grad_() for t in (F.logsigmoid(torch.randn(2, B, H, N, d, generator=g) + 4.0) / 16))
     leaves, do = [q, k, v, gf, gb], torch.randn_like(q)
     row = {"N": N, "B": B, "H": H, "d": d, "sdpa_fwd_ms": tt.do_bench(lambda: F.scaled_dot_product_attention(q, k, v))}
-    for impl in ("chunked", "scan"):
+    sdpa_leaves = [q, k, v]
+    row["sdpa_fwd_bwd_ms"] = tt.do_bench(
+        lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), sdpa_leaves, do))
+    for impl in IMPLS:
+        if impl == "direct" and N > DIRECT_MAX_N:
+            continue
+
         def fwd():
             return bidir_gla_triton(q, k, v, gf, gb, scale=d**-0.5, impl=impl)
 
@@ -51,11 +62,17 @@ def main(argv=None) -> int:
         return 2
     env = environment("cuda")  # before the run: it records the machine's load
     rows = [measure(B, N) for B, N in SHAPES]
-    print("| N | B | chunked fwd | scan fwd | chunked f+b | scan f+b | SDPA fwd |\n|---|---|---|---|---|---|---|")
+    head = " | ".join(f"{i} fwd | {i} f+b" for i in IMPLS)
+    print(f"| N | B | {head} | SDPA fwd | SDPA f+b |\n|---|---|" + "---|---|" * len(IMPLS) + "---|---|")
     for r in rows:
-        print(f"| {r['N']} | {r['B']} | {r['chunked_fwd_ms']:.3f} ({r['chunked_fwd_graph_ms']:.3f}) | "
-              f"{r['scan_fwd_ms']:.3f} ({r['scan_fwd_graph_ms']:.3f}) | {r['chunked_fwd_bwd_ms']:.3f} | "
-              f"{r['scan_fwd_bwd_ms']:.3f} | {r['sdpa_fwd_ms']:.3f} |")
+        cells = []
+        for i in IMPLS:
+            if f"{i}_fwd_ms" in r:
+                cells += [f"{r[i + '_fwd_ms']:.3f} ({r[i + '_fwd_graph_ms']:.3f})", f"{r[i + '_fwd_bwd_ms']:.3f}"]
+            else:
+                cells += ["-", "-"]
+        cells += [f"{r['sdpa_fwd_ms']:.3f}", f"{r['sdpa_fwd_bwd_ms']:.3f}"]
+        print(f"| {r['N']} | {r['B']} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)

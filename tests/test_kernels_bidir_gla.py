@@ -1,10 +1,11 @@
-"""Chunked Triton bidirectional GLA (tensor-core intra-chunk terms) against a float64 materialised oracle.
+"""Triton bidirectional GLA (``impl="direct"`` and ``"chunked"``, tensor-core intra-chunk terms) against a float64
+materialised oracle.
 
 The oracle builds the full ``[N, N, dk]`` decay tensors from float64 global cumulative sums (METHODS.md §7.1 closed
-form), independently of the chunked reference and of the kernels' sub-chunk factorisation. On CPU the kernels run
-under TRITON_INTERPRET=1 (conftest.py) in fp32, on tiny odd shapes; gate regimes cover near-zero and exactly zero
-decays, strong decays (−20 per token, which must take the exact diagonal path) and blocks just inside the factorised
-diagonal's limit. GPU tests (bf16/fp16, PERFORMANCE.md shapes) are marked and skipped without CUDA.
+form), independently of the chunked reference and of the kernels' chunk and sub-chunk factorisations. On CPU the
+kernels run under TRITON_INTERPRET=1 (conftest.py) in fp32, on tiny odd shapes; gate regimes cover near-zero and
+exactly zero decays, strong decays (−20 per token, which must take the exact diagonal path) and blocks just inside the
+factorised diagonal's limit. GPU tests (bf16/fp16, PERFORMANCE.md shapes) are marked and skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -102,16 +103,18 @@ def test_naive_oracle_matches_chunked_reference():
 
 
 @pytest.mark.parametrize("regime", ["vig-init", "zero", "moderate", "strong", "blocks"])
-def test_gate_regimes_forward_and_gradients(regime):
-    check(*make(1, 1, 70, 24, 40, regime))
+@pytest.mark.parametrize("impl", ["direct", "chunked"])
+def test_gate_regimes_forward_and_gradients(regime, impl):
+    check(*make(1, 1, 70, 24, 40, regime), impl=impl)
 
 
-def test_exact_diagonal_everywhere():
+@pytest.mark.parametrize("impl", ["direct", "chunked"])
+def test_exact_diagonal_everywhere(impl):
     """DIAG_SPAN_MAX < 0 sends every diagonal block to the exact walk; it agrees with the oracle too."""
     mp = pytest.MonkeyPatch()
     mp.setattr(kt, "DIAG_SPAN_MAX", -1.0)
     try:
-        check(*make(1, 1, 40, 16, 16, "moderate"))
+        check(*make(1, 1, 40, 16, 16, "moderate"), impl=impl)
     finally:
         mp.undo()
 
@@ -125,7 +128,7 @@ def test_diagonal_limit_is_per_block():
     try:
         for limit in (40.0, 38.0):
             mp.setattr(kt, "DIAG_SPAN_MAX", limit)
-            outs.append(bidir_gla_triton(q, k, v, gf, gf, scale=0.3))
+            outs.append(bidir_gla_triton(q, k, v, gf, gf, scale=0.3, impl="chunked"))
     finally:
         mp.undo()
     changed = ((outs[0] - outs[1]).abs().amax(-1)[0, 0] > 0).nonzero().flatten()
@@ -134,17 +137,56 @@ def test_diagonal_limit_is_per_block():
         assert rel(out, naive(q, k, v, gf, gf, 0.3)) < 1e-5
 
 
-def test_strong_decays_need_the_exact_diagonal():
+@pytest.mark.parametrize("impl", ["direct", "chunked"])
+def test_strong_decays_need_the_exact_diagonal(impl):
     """With the guard lifted, the factorised diagonal forms exp(+300) and breaks: the strong-decay regime above
     therefore exercises the exact fallback, not the factorised path."""
     q, k, v, gf, gb = make(1, 1, 20, 16, 16, "strong")
     mp = pytest.MonkeyPatch()
     mp.setattr(kt, "DIAG_SPAN_MAX", 1e9)
     try:
-        out = bidir_gla_triton(q, k, v, gf, gb, scale=0.3)
+        out = bidir_gla_triton(q, k, v, gf, gb, scale=0.3, impl=impl)
     finally:
         mp.undo()
     assert not (torch.isfinite(out).all() and rel(out, naive(q, k, v, gf, gb, 0.3)) < 1e-3)
+
+
+def test_direct_diagonal_limit_is_per_chunk():
+    """impl="direct" factorises a whole 64-token chunk: chunk 0 decays 38.4 nats per channel (0.6 per token), so under
+    the limit 40 it is factorised (factors up to e^38), under 38 it takes the exact 64-key walk. Only its rows
+    change (in rounding), both agree with the oracle, and the later chunks (slow decays) are factorised in both."""
+    q, k, v, gf, _ = make(1, 1, 150, 16, 16, "vig-init", seed=6)
+    gf[:, :, :64] = -0.6
+    outs = []
+    mp = pytest.MonkeyPatch()
+    try:
+        for limit in (40.0, 38.0):
+            mp.setattr(kt, "DIAG_SPAN_MAX", limit)
+            outs.append(bidir_gla_triton(q, k, v, gf, gf, scale=0.3, impl="direct"))
+    finally:
+        mp.undo()
+    changed = ((outs[0] - outs[1]).abs().amax(-1)[0, 0] > 0).nonzero().flatten()
+    assert len(changed) > 0 and changed.max() < 64
+    for out in outs:
+        assert rel(out, naive(q, k, v, gf, gf, 0.3)) < 1e-5
+
+
+def test_auto_picks_direct_for_short_sequences():
+    """impl="auto" (the default) runs "direct" up to DIRECT_MAX_CHUNKS 64-token chunks and "chunked" beyond; the two
+    agree with each other and with the oracle at a length that either may take."""
+    assert kt.IMPL == "auto"
+    assert kt._direct_fits(64 * kt.DIRECT_MAX_CHUNKS) and not kt._direct_fits(64 * kt.DIRECT_MAX_CHUNKS + 1)
+    q, k, v, gf, gb = make(1, 2, 131, 16, 24, "vig-init", seed=7)
+    outs, grads = [], []
+    for impl in ("direct", "chunked", None):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, gf, gb)]
+        out = bidir_gla_triton(*leaves, scale=0.3, impl=impl)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=0)  # auto took direct at 3 chunks
+    assert rel(outs[0], outs[1]) < 1e-5 and rel(outs[0], naive(q, k, v, gf, gb, 0.3)) < 1e-5
+    for a, b in zip(grads[0], grads[1]):
+        assert close(a, b)
 
 
 def test_several_chunks_and_split_states():
@@ -154,7 +196,7 @@ def test_several_chunks_and_split_states():
     mp.setattr(kt, "STATE_MIN_BLOCK", 16)
     try:
         assert kt._state_blocks(2, 32, 32, torch.device("cpu")) == (16, 16)
-        check(*make(1, 1, 131, 32, 32, "vig-init", seed=2))
+        check(*make(1, 1, 131, 32, 32, "vig-init", seed=2), impl="chunked")
     finally:
         mp.undo()
 
@@ -213,22 +255,25 @@ def _cuda(ts, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["chunked", "scan"])
-@pytest.mark.parametrize("N", [197, 577, 1025, 4097, 16385])
+@pytest.mark.parametrize("impl", ["direct", "chunked", "scan"])
+@pytest.mark.parametrize("N", [65, 197, 577, 1025, 4097, 16385])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_gpu_both_impls(N, dtype, impl):
+def test_low_precision_gpu_all_impls(N, dtype, impl):
+    if impl == "direct" and N > 1025:
+        pytest.skip("direct is quadratic in the number of chunks: for short sequences")
     check_low_precision_gpu(*_cuda(make(max(1, 12608 // N), 6, N, 64, 64, "vig-init"), dtype), impl=impl)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["direct", "chunked"])
 @pytest.mark.parametrize("regime", ["zero", "moderate", "strong", "blocks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gate_regimes_gpu(regime, dtype):
+def test_gate_regimes_gpu(regime, dtype, impl):
     """Compiled kernels (both diagonal paths, all dot precisions) against the float64 oracle, head dims 64 and 128."""
     for d in (64, 128):
         q, k, v, gf, gb = _cuda(make(2, 3, 203, d, d, regime, seed=5), dtype)
         leaves = [t.requires_grad_() for t in (q, k, v, gf, gb)]
-        out = bidir_gla_triton(*leaves, scale=d**-0.5)
+        out = bidir_gla_triton(*leaves, scale=d**-0.5, impl=impl)
         ref = naive(*leaves, d**-0.5)  # float64 on the GPU
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         assert rel(out, ref) < tol

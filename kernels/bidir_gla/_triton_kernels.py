@@ -215,8 +215,9 @@ def _bwd_out(
 ):
     """dq, dk, dv of one chunk (both directions summed on chip) and the per-direction gate terms
     ``dA_d = q ⊙ dq_d − k ⊙ dk_d`` (``DA [2, B·H, N, DK]`` fp32, direction 0 stored in reversed token order so that
-    ascending cumulative sums give both directions' gate gradients; ``triton._gate_grads`` sums them per chunk). Grid ``(B·H, n_chunks)``; ``ST`` holds the
-    forward states (kind 0) and the gradient states (kind 1) entering each chunk."""
+    ascending cumulative sums give both directions' gate gradients; ``triton._gate_grads`` sums them per chunk).
+    Grid ``(B·H, n_chunks)``; ``ST`` holds the forward states (kind 0) and the gradient states (kind 1) entering each
+    chunk."""
     pid_bh, c = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     kbase = b * s_b + h * s_h
@@ -313,3 +314,172 @@ def _bwd_out(
             tl.store(DK_ + kout, (dk * scale).to(DK_.dtype.element_ty), mask=kmask)
             tl.store(DV_ + vbase + tok[:, None] * t_n + rv[None, :], (dv * scale).to(DV_.dtype.element_ty),
                      mask=vmask)
+
+
+@triton.jit
+def _direct_fwd(
+    Q, K, V, G, O,
+    N, n_chunks, n_bh, n_heads, scale, span_max,
+    s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
+    o_b, o_h, o_n,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NS: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Output of one ``CH = SUB·NS``-token chunk without stored states (``impl="direct"``): both directions, the
+    chunk with itself and with every earlier chunk in scan order as ``[CH, CH]`` tensor-core products. Grid
+    ``(B·H, n_chunks)``."""
+    CH: tl.constexpr = SUB * NS
+    pid_bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    kbase = b * s_b + h * s_h
+    vbase = b * t_b + h * t_h
+    r = tl.arange(0, CH)
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    lo = c * CH
+    hi = tl.minimum(lo + CH, N)
+    tok = lo + r
+    q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+    k = _tile(K + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+    v = _tile(V + vbase, tok, hi, rv, DV, t_n).to(DT)
+    out = tl.zeros([CH, BV], tl.float32)
+    for d in tl.static_range(2):
+        gbase = G + d * g_dir + b * g_b + h * g_h
+        g, incl, _, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, d == 1)
+        qd = (q * tl.exp(incl)).to(DT)  # relative to the point just before the chunk in scan order: ≤ 1
+        # the chunk itself: factorised through its start when every factor stays within e^±span_max
+        if tl.min(total, 0) >= -span_max:
+            kh = (k * tl.exp(-incl)).to(DT)
+            a = tl.where(_causal(r, d == 1), tl.dot(qd, tl.trans(kh), input_precision=PREC), 0.0)
+        else:
+            a, _, _ = _diag_exact(q, k, q, g, r, d == 1, CH, False)
+        out += tl.dot(a.to(DT), v, input_precision=PREC)
+        # earlier chunks in scan order, nearest first; `mid` sums the gates of the chunks in between
+        mid = tl.zeros([BK], tl.float32)
+        if d == 0:
+            n_prev = c
+        else:
+            n_prev = n_chunks - 1 - c
+        for t in range(n_prev):
+            if d == 0:
+                lo_o = (c - 1 - t) * CH
+            else:
+                lo_o = (c + 1 + t) * CH
+            hi_o = tl.minimum(lo_o + CH, N)
+            tok_o = lo_o + r
+            k_o = _tile(K + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
+            v_o = _tile(V + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
+            _, _, after_o, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
+            kt = (k_o * tl.exp(after_o + mid[None, :])).to(DT)
+            a = tl.dot(qd, tl.trans(kt), input_precision=PREC)
+            out += tl.dot(a.to(DT), v_o, input_precision=PREC)
+            mid += total_o
+    tl.store(O + b * o_b + h * o_h + tok[:, None] * o_n + rv[None, :], (out * scale).to(O.dtype.element_ty),
+             mask=(tok < hi)[:, None] & (rv < DV)[None, :])
+
+
+@triton.jit
+def _direct_bwd(
+    Q, K, V, DO, G, DQ, DK_, DV_, DA,
+    N, n_chunks, n_bh, n_heads, scale, span_max,
+    s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NS: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq, dk, dv of one chunk and its gate terms ``DA`` (as :func:`_bwd_out`) without stored states: the chunk's
+    queries meet the keys of its own and every earlier chunk (dq), its keys and values the queries of its own and
+    every later chunk in scan order (dk, dv). Grid ``(B·H, n_chunks)``."""
+    CH: tl.constexpr = SUB * NS
+    pid_bh, c = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    kbase = b * s_b + h * s_h
+    vbase = b * t_b + h * t_h
+    r = tl.arange(0, CH)
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    lo = c * CH
+    hi = tl.minimum(lo + CH, N)
+    tok = lo + r
+    tm = tok < hi
+    q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+    k = _tile(K + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+    v = _tile(V + vbase, tok, hi, rv, DV, t_n).to(DT)
+    do = _tile(DO + vbase, tok, hi, rv, DV, t_n).to(DT)
+    dq = tl.zeros([CH, BK], tl.float32)
+    dk = tl.zeros([CH, BK], tl.float32)
+    dv = tl.zeros([CH, BV], tl.float32)
+    for d in tl.static_range(2):
+        gbase = G + d * g_dir + b * g_b + h * g_h
+        g, incl, after, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, d == 1)
+        eq = tl.exp(incl)
+        qd = (q * eq).to(DT)
+        causal = _causal(r, d == 1)
+        p = tl.where(causal, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)
+        # the chunk itself (see _direct_fwd)
+        if tl.min(total, 0) >= -span_max:
+            eqi = tl.exp(-incl)
+            kh = (k * eqi).to(DT)
+            a = tl.where(causal, tl.dot(qd, tl.trans(kh), input_precision=PREC), 0.0)
+            dq_d = eq * tl.dot(p.to(DT), kh, input_precision=PREC)
+            dk_d = eqi * tl.dot(tl.trans(p.to(DT)), qd, input_precision=PREC)
+        else:
+            a, dq_d, dk_d = _diag_exact(q, k, p, g, r, d == 1, CH, True)
+        dv += tl.dot(tl.trans(a.to(DT)), do, input_precision=PREC)
+        if d == 0:
+            n_prev = c
+            n_next = n_chunks - 1 - c
+        else:
+            n_prev = n_chunks - 1 - c
+            n_next = c
+        # keys of earlier chunks (nearest first): dq, to be multiplied by exp(incl)
+        acc = tl.zeros([CH, BK], tl.float32)
+        mid = tl.zeros([BK], tl.float32)
+        for t in range(n_prev):
+            if d == 0:
+                lo_o = (c - 1 - t) * CH
+            else:
+                lo_o = (c + 1 + t) * CH
+            hi_o = tl.minimum(lo_o + CH, N)
+            tok_o = lo_o + r
+            k_o = _tile(K + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
+            v_o = _tile(V + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
+            _, _, after_o, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
+            kt = (k_o * tl.exp(after_o + mid[None, :])).to(DT)
+            pp = tl.dot(do, tl.trans(v_o), input_precision=PREC)
+            acc += tl.dot(pp.to(DT), kt, input_precision=PREC)
+            mid += total_o
+        dq_d += eq * acc
+        # queries of later chunks (nearest first): dk (to be multiplied by exp(after)) and dv
+        f = tl.exp(after)  # this chunk's keys relative to its end in scan order: ≤ 1
+        kf = (k * f).to(DT)
+        acc = tl.zeros([CH, BK], tl.float32)
+        mid = tl.zeros([BK], tl.float32)
+        for t in range(n_next):
+            if d == 0:
+                lo_o = (c + 1 + t) * CH
+            else:
+                lo_o = (c - 1 - t) * CH
+            hi_o = tl.minimum(lo_o + CH, N)
+            tok_o = lo_o + r
+            q_o = _tile(Q + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
+            do_o = _tile(DO + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
+            _, incl_o, _, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
+            qt_o = (q_o * tl.exp(incl_o + mid[None, :])).to(DT)
+            aa = tl.dot(qt_o, tl.trans(kf), input_precision=PREC)  # [later rows, rows]
+            pp = tl.dot(do_o, tl.trans(v), input_precision=PREC)
+            dv += tl.dot(tl.trans(aa.to(DT)), do_o, input_precision=PREC)
+            acc += tl.dot(tl.trans(pp.to(DT)), qt_o, input_precision=PREC)
+            mid += total_o
+        dk_d += f * acc
+        if d == 0:
+            arow = N - 1 - tok
+        else:
+            arow = tok
+        tl.store(DA + (d * n_bh + pid_bh).to(tl.int64) * N * DK + arow[:, None] * DK + rk[None, :],
+                 (q * dq_d - k * dk_d) * scale, mask=tm[:, None] & (rk < DK)[None, :])
+        dq += dq_d
+        dk += dk_d
+    kmask = tm[:, None] & (rk < DK)[None, :]
+    kout = kbase + tok[:, None] * s_n + rk[None, :]
+    tl.store(DQ + kout, (dq * scale).to(DQ.dtype.element_ty), mask=kmask)
+    tl.store(DK_ + kout, (dk * scale).to(DK_.dtype.element_ty), mask=kmask)
+    tl.store(DV_ + vbase + tok[:, None] * t_n + rv[None, :], (dv * scale).to(DV_.dtype.element_ty),
+             mask=tm[:, None] & (rv < DV)[None, :])
