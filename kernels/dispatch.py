@@ -9,7 +9,6 @@ for ``"auto"``.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Op", "register_op", "get_op", "choose", "triton_available", "BACKENDS"]
+__all__ = ["Op", "register_op", "get_op", "choose", "preload", "triton_available", "BACKENDS"]
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -73,10 +72,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_LOADED: dict[str, Callable] = {}
+
+
 def _load(path: str) -> Callable:
-    module, _, fn = path.partition(":")
-    return getattr(importlib.import_module(module), fn)
+    """The function at ``"module:function"``, imported once. A plain dict, not ``lru_cache``: torch.compile traces the
+    lookup of a loaded function silently, but warns on every ``lru_cache`` call and breaks the graph at an import."""
+    fn = _LOADED.get(path)
+    if fn is None:
+        module, _, name = path.partition(":")
+        fn = _LOADED[path] = getattr(importlib.import_module(module), name)
+    return fn
+
+
+def preload(name: str) -> None:
+    """Import op ``name``'s Triton function now, in eager code (the mixers call this when they are built), so that a
+    model compiled before its first eager call does not trace the import. Without Triton this does nothing, and an
+    import error is left to the call that would use the kernel, which raises it with its context."""
+    op = get_op(name)
+    if op.triton and triton_available() is None:
+        try:
+            _load(op.triton)
+        except Exception:  # noqa: BLE001 - re-raised by choose() where the kernel is needed
+            pass
 
 
 def _env_backend(requested: str) -> str:

@@ -310,3 +310,28 @@ def test_output_accepts_in_place_updates_under_autograd():
     want = torch.autograd.grad(oracle(q, k, v, feature="relu", normalizer="divisive"), leaves, do.double())
     for g, w in zip(got, want):
         assert close(g, w, 2e-5)
+
+
+def test_patched_model_compiles_before_any_eager_call():
+    """The mixers import their kernel when they are built (dispatch.preload), so a patched model compiled before its
+    first eager call traces no import: one graph (fullgraph) and no ``lru_cache`` warning from the dispatcher."""
+    import warnings
+
+    import timm
+
+    import visionfx
+    from visionfx.kernels import dispatch
+
+    dispatch._LOADED.clear()
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, num_classes=3).eval()
+    visionfx.patch(model, "slab", backend="triton")
+    assert "visionfx.kernels.linear_attention.triton:linear_attention_triton" in dispatch._LOADED
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    model.to(DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        eager = model(x)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    assert rel_err(compiled, eager) < 1e-6

@@ -110,6 +110,10 @@ class TokenMixer(nn.Module):
         self.num_heads = host.num_heads
         self.head_dim = host.head_dim
         self.scale = host.scale
+        if self.op and config.backend != "reference":
+            from visionfx.kernels.dispatch import preload
+
+            preload(self.op)  # a model compiled before its first eager call then traces no import
 
     def pre_qkv(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Transform the layer input ``x [B, N, C_in]`` before the host's qkv projection."""
