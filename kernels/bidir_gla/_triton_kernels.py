@@ -87,6 +87,65 @@ def _diag_exact(q, k, p, g, r, REV: tl.constexpr, SUB: tl.constexpr, GRAD: tl.co
 
 
 @triton.jit
+def _diag_scores(q, k, qd, incl, total, g, r, span_max, REV: tl.constexpr, L: tl.constexpr, DT: tl.constexpr,
+                 PREC: tl.constexpr):
+    """The causal ``[L, L]`` scores of a tile with itself (``qd = q ⊙ exp(incl)`` in ``DT``): factorised through the
+    tile's start when no channel decays by more than ``span_max`` over it, else the exact walk (:func:`_diag_exact`)."""
+    if tl.min(total, 0) >= -span_max:
+        kh = (k * tl.exp(-incl)).to(DT)
+        a = tl.where(_causal(r, REV), tl.dot(qd, tl.trans(kh), input_precision=PREC), 0.0)
+    else:
+        a, _, _ = _diag_exact(q, k, q, g, r, REV, L, False)
+    return a
+
+
+@triton.jit
+def _diag_grads(q, k, qd, eq, incl, total, g, do, v, r, span_max, REV: tl.constexpr, L: tl.constexpr,
+                DT: tl.constexpr, PREC: tl.constexpr):
+    """The tile with itself in the backward (see :func:`_diag_scores`): ``(a, dq, dk)``, the scores (for dv) and the
+    tile's own terms of dq and dk (``eq = exp(incl)``)."""
+    causal = _causal(r, REV)
+    p = tl.where(causal, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)
+    if tl.min(total, 0) >= -span_max:
+        eqi = tl.exp(-incl)
+        kh = (k * eqi).to(DT)
+        a = tl.where(causal, tl.dot(qd, tl.trans(kh), input_precision=PREC), 0.0)
+        dq = eq * tl.dot(p.to(DT), kh, input_precision=PREC)
+        dk = eqi * tl.dot(tl.trans(p.to(DT)), qd, input_precision=PREC)
+    else:
+        a, dq, dk = _diag_exact(q, k, p, g, r, REV, L, True)
+    return a, dq, dk
+
+
+@triton.jit
+def _keys_before(K, V, gbase, kbase, vbase, lo, N, r, rk, rv, mid, DK, DV, s_n, t_n, g_n, g_c,
+                 L: tl.constexpr, REV: tl.constexpr, DT: tl.constexpr):
+    """The tile of ``L`` tokens at ``lo`` that comes before the current one in scan order, as the current tile's
+    queries see it: ``(k ⊙ exp(after + mid), v, total)``, k and v in ``DT``, its keys decayed to the point just before
+    the current tile (``mid`` sums the gates of the tiles in between; every factor ≤ 1)."""
+    hi = tl.minimum(lo + L, N)
+    tok = lo + r
+    k = _tile(K + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+    v = _tile(V + vbase, tok, hi, rv, DV, t_n).to(DT)
+    _, _, after, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, REV)
+    return (k * tl.exp(after + mid[None, :])).to(DT), v, total
+
+
+@triton.jit
+def _queries_after(Q, DO, gbase, kbase, vbase, lo, N, r, rk, rv, mid, DK, DV, s_n, t_n, g_n, g_c,
+                   L: tl.constexpr, REV: tl.constexpr, DT: tl.constexpr):
+    """The tile of ``L`` tokens at ``lo`` that comes after the current one in scan order, as the current tile's keys
+    see it: ``(q ⊙ exp(incl + mid), dO, total)`` in ``DT``, its queries decayed from the point just after the current
+    tile (``mid`` sums the gates of the tiles in between; every factor ≤ 1)."""
+    hi = tl.minimum(lo + L, N)
+    tok = lo + r
+    q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+    do = _tile(DO + vbase, tok, hi, rv, DV, t_n).to(DT)
+    _, incl, _, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, REV)
+    return (q * tl.exp(incl + mid[None, :])).to(DT), do, total
+
+
+@triton.jit
 def _state_pass(
     K, V, Q, DO, G, ST,
     N, n_chunks, n_bh, n_heads,
@@ -182,24 +241,16 @@ def _fwd_out(
                 for t in tl.static_range(m * (1 - d) + (NS - 1 - m) * d):
                     lo_o = c0 + ((m - 1 - t) * (1 - d) + (m + 1 + t) * d) * SUB
                     if lo_o < N:
-                        hi_o = tl.minimum(lo_o + SUB, N)
-                        tok_o = lo_o + r
-                        k_o = _tile(K + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
-                        v_o = _tile(V + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
-                        _, _, after_o, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
-                        kt = (k_o * tl.exp(after_o + mid[None, :])).to(DT)
+                        kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV,
+                                                        s_n, t_n, g_n, g_c, SUB, d == 1, DT)
                         a = tl.dot(qd, tl.trans(kt), input_precision=PREC)
                         out += tl.dot(a.to(DT), v_o, input_precision=PREC)
                         mid += total_o
                 # earlier chunks through the state entering this one; `mid` sums the chunk's gates before the tile
                 s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV) + soff)
                 out += tl.dot((qt * tl.exp(mid)[None, :]).to(DT), s.to(DT), input_precision=PREC)
-                # the tile itself: factorised through the tile's start when every factor stays within e^±span_max
-                if tl.min(total, 0) >= -span_max:
-                    kh = (k * tl.exp(-incl)).to(DT)
-                    a = tl.where(_causal(r, d == 1), tl.dot(qd, tl.trans(kh), input_precision=PREC), 0.0)
-                else:
-                    a, _, _ = _diag_exact(q, k, q, g, r, d == 1, SUB, False)
+                # the tile itself
+                a = _diag_scores(q, k, qd, incl, total, g, r, span_max, d == 1, SUB, DT, PREC)
                 out += tl.dot(a.to(DT), v, input_precision=PREC)
             tl.store(O + b * o_b + h * o_h + tok[:, None] * o_n + rv[None, :], (out * scale).to(O.dtype.element_ty),
                      mask=(tok < hi)[:, None] & (rv < DV)[None, :])
@@ -251,12 +302,8 @@ def _bwd_out(
                 for t in tl.static_range(m * (1 - d) + (NS - 1 - m) * d):
                     lo_o = c0 + ((m - 1 - t) * (1 - d) + (m + 1 + t) * d) * SUB
                     if lo_o < N:
-                        hi_o = tl.minimum(lo_o + SUB, N)
-                        tok_o = lo_o + r
-                        k_o = _tile(K + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
-                        v_o = _tile(V + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
-                        _, _, after_o, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
-                        kt = (k_o * tl.exp(after_o + mid[None, :])).to(DT)
+                        kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV,
+                                                        s_n, t_n, g_n, g_c, SUB, d == 1, DT)
                         p = tl.dot(do, tl.trans(v_o), input_precision=PREC)
                         acc += tl.dot(p.to(DT), kt, input_precision=PREC)
                         mid += total_o
@@ -285,19 +332,10 @@ def _bwd_out(
                 f = tl.exp(after + mid[None, :])  # to the end of the chunk in scan order
                 dk_d += f * tl.dot(v, tl.trans(rs), input_precision=PREC)
                 dv += tl.dot((k * f).to(DT), rs, input_precision=PREC)
-                # the tile itself (see _fwd_out)
-                causal = _causal(r, d == 1)
-                p = tl.where(causal, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)
-                if tl.min(total, 0) >= -span_max:
-                    eqi = tl.exp(-incl)
-                    kh = (k * eqi).to(DT)
-                    a = tl.where(causal, tl.dot(qd, tl.trans(kh), input_precision=PREC), 0.0)
-                    dq_d += eq * tl.dot(p.to(DT), kh, input_precision=PREC)
-                    dk_d += eqi * tl.dot(tl.trans(p.to(DT)), qd, input_precision=PREC)
-                else:
-                    a, dq_x, dk_x = _diag_exact(q, k, p, g, r, d == 1, SUB, True)
-                    dq_d += dq_x
-                    dk_d += dk_x
+                # the tile itself
+                a, dq_x, dk_x = _diag_grads(q, k, qd, eq, incl, total, g, do, v, r, span_max, d == 1, SUB, DT, PREC)
+                dq_d += dq_x
+                dk_d += dk_x
                 dv += tl.dot(tl.trans(a.to(DT)), do, input_precision=PREC)
                 if d == 0:
                     arow = N - 1 - tok
@@ -346,12 +384,8 @@ def _direct_fwd(
         gbase = G + d * g_dir + b * g_b + h * g_h
         g, incl, _, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, d == 1)
         qd = (q * tl.exp(incl)).to(DT)  # relative to the point just before the chunk in scan order: ≤ 1
-        # the chunk itself: factorised through its start when every factor stays within e^±span_max
-        if tl.min(total, 0) >= -span_max:
-            kh = (k * tl.exp(-incl)).to(DT)
-            a = tl.where(_causal(r, d == 1), tl.dot(qd, tl.trans(kh), input_precision=PREC), 0.0)
-        else:
-            a, _, _ = _diag_exact(q, k, q, g, r, d == 1, CH, False)
+        # the chunk itself
+        a = _diag_scores(q, k, qd, incl, total, g, r, span_max, d == 1, CH, DT, PREC)
         out += tl.dot(a.to(DT), v, input_precision=PREC)
         # earlier chunks in scan order, nearest first; `mid` sums the gates of the chunks in between
         mid = tl.zeros([BK], tl.float32)
@@ -364,12 +398,8 @@ def _direct_fwd(
                 lo_o = (c - 1 - t) * CH
             else:
                 lo_o = (c + 1 + t) * CH
-            hi_o = tl.minimum(lo_o + CH, N)
-            tok_o = lo_o + r
-            k_o = _tile(K + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
-            v_o = _tile(V + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
-            _, _, after_o, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
-            kt = (k_o * tl.exp(after_o + mid[None, :])).to(DT)
+            kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n, t_n,
+                                            g_n, g_c, CH, d == 1, DT)
             a = tl.dot(qd, tl.trans(kt), input_precision=PREC)
             out += tl.dot(a.to(DT), v_o, input_precision=PREC)
             mid += total_o
@@ -411,17 +441,8 @@ def _direct_bwd(
         g, incl, after, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, d == 1)
         eq = tl.exp(incl)
         qd = (q * eq).to(DT)
-        causal = _causal(r, d == 1)
-        p = tl.where(causal, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)
-        # the chunk itself (see _direct_fwd)
-        if tl.min(total, 0) >= -span_max:
-            eqi = tl.exp(-incl)
-            kh = (k * eqi).to(DT)
-            a = tl.where(causal, tl.dot(qd, tl.trans(kh), input_precision=PREC), 0.0)
-            dq_d = eq * tl.dot(p.to(DT), kh, input_precision=PREC)
-            dk_d = eqi * tl.dot(tl.trans(p.to(DT)), qd, input_precision=PREC)
-        else:
-            a, dq_d, dk_d = _diag_exact(q, k, p, g, r, d == 1, CH, True)
+        # the chunk itself
+        a, dq_d, dk_d = _diag_grads(q, k, qd, eq, incl, total, g, do, v, r, span_max, d == 1, CH, DT, PREC)
         dv += tl.dot(tl.trans(a.to(DT)), do, input_precision=PREC)
         if d == 0:
             n_prev = c
@@ -437,12 +458,8 @@ def _direct_bwd(
                 lo_o = (c - 1 - t) * CH
             else:
                 lo_o = (c + 1 + t) * CH
-            hi_o = tl.minimum(lo_o + CH, N)
-            tok_o = lo_o + r
-            k_o = _tile(K + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
-            v_o = _tile(V + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
-            _, _, after_o, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
-            kt = (k_o * tl.exp(after_o + mid[None, :])).to(DT)
+            kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n, t_n,
+                                            g_n, g_c, CH, d == 1, DT)
             pp = tl.dot(do, tl.trans(v_o), input_precision=PREC)
             acc += tl.dot(pp.to(DT), kt, input_precision=PREC)
             mid += total_o
@@ -457,12 +474,8 @@ def _direct_bwd(
                 lo_o = (c + 1 + t) * CH
             else:
                 lo_o = (c - 1 - t) * CH
-            hi_o = tl.minimum(lo_o + CH, N)
-            tok_o = lo_o + r
-            q_o = _tile(Q + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
-            do_o = _tile(DO + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
-            _, incl_o, _, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
-            qt_o = (q_o * tl.exp(incl_o + mid[None, :])).to(DT)
+            qt_o, do_o, total_o = _queries_after(Q, DO, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n,
+                                                 t_n, g_n, g_c, CH, d == 1, DT)
             aa = tl.dot(qt_o, tl.trans(kf), input_precision=PREC)  # [later rows, rows]
             pp = tl.dot(do_o, tl.trans(v), input_precision=PREC)
             dv += tl.dot(tl.trans(aa.to(DT)), do_o, input_precision=PREC)
