@@ -273,3 +273,23 @@ def test_fidelity_script_tiny(reference, cache_dir, tmp_path):
     assert all(0 <= slab[k] <= 1 for k in ("top1_none", "top1_stage1", "top1_recovered"))
     text = md.read_text()
     assert "| reference (softmax) |" in text and "| slab |" in text and "| agentsd |" in text
+
+
+@needs_archive
+def test_fidelity_resets_dynamo_per_mixer(reference, cache_dir, monkeypatch):
+    """Each mixer's compiled run starts from a fresh dynamo state (otherwise the shared code objects of the compiled
+    forwards hit dynamo's recompile limit after a few mixers, and the later ones silently run eager)."""
+    from visionfx.recovery.data import load_image_data
+    from visionfx.recovery.fidelity import run_fidelity
+    from visionfx.recovery.config import DistillConfig
+
+    events = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: events.append("compile") or fn)  # no CPU compilation
+    data = load_image_data(ARCHIVE, cache_dir=cache_dir, limit_per_class=LIMIT, progress=False)
+    cfg = DistillConfig(stage1_steps=1, stage2_steps=1, stage1_batch_size=8, stage2_batch_size=8, eval_batch_size=16,
+                        compile=True, cpu=True)
+    results = run_fidelity(reference, data, cfg, mixers=["slab", "inline"], progress=False)
+    assert not any("error" in r for r in results["rows"])
+    # per mixer: one reset, then stage 2's compiled student and teacher
+    assert events == ["reset", "compile", "compile"] * 2

@@ -114,6 +114,10 @@ def run_fidelity(reference: str | os.PathLike | dict, data: ImageData, config: D
         name = Path(mixer).stem if str(mixer).endswith((".yaml", ".yml")) else str(mixer)
         free = name in TRAINING_FREE
         cfg = config.replace(stage1_steps=0, stage2_steps=0) if free else config
+        if cfg.compile:
+            # a fresh dynamo state per mixer: the compiled forwards of all models share code objects (accelerate's
+            # autocast wrapper), and after torch._dynamo.config.recompile_limit models a later mixer would run eager
+            torch._dynamo.reset()
         model, _ = load_reference(reference)
         row = {"mixer": name, "training_free": free}
         try:
