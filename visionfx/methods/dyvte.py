@@ -9,8 +9,8 @@ positions are gone from hidden states, keys/values, queries, RoPE tables and mas
 How it runs (hooks only, patches/llava.py holds the bookkeeping):
 - a pre-hook on ``LlavaModel`` records the image span, padding and prompt length of each forward (prefill = empty
   cache); a forward hook on each decoder layer ℓ ≤ L−2 evaluates the routers of the samples still running (the text
-  span they average is found once per prefill; each routed layer then costs the router's two products and one
-  device sync, since the next layer's shapes depend on its decision);
+  span they average is found once per prefill; each routed layer then costs a gather of the span's rows, the
+  router's two products and one device sync, since the next layer's shapes depend on its decision);
 - a pre-hook (``with_kwargs=True``) on each decoder layer compacts, once every sample has exited: it gathers the
   hidden states (first compacted layer), ``cos``/``sin`` and the mask (eager float, SDPA bool, FlashAttention 2-D,
   ``None`` stays ``None``) at the kept positions and passes ``position_ids=None``; in decoding it gathers the mask
@@ -46,7 +46,8 @@ from torch import nn
 
 from visionfx.config import MethodConfig
 from visionfx.methods.dyvte_masks import apply_block, block_mask, gather_mask, gather_seq
-from visionfx.methods.dyvte_router import Router, TextSpan, exit_decision, router_features, span_features, text_span
+from visionfx.methods.dyvte_router import (Router, TextSpan, exit_decision, router_features, span_features, span_mask,
+                                           text_span)
 from visionfx.patches.llava import (LlavaHandle, LlavaParts, PromptState, check_left_padding, is_prefill,
                                     layer_hidden, prompt_state, with_layer_hidden)
 from visionfx.registry import MethodSpec
@@ -337,10 +338,12 @@ class DyVTEHandle(LlavaHandle):
         keep, slot_valid = _keep_indices(st.image)
         seq = _Sequence(state=st, exits=exits, keep=keep, slot_valid=slot_valid, routed=forced is None)
         if seq.routed:
-            seq.span = text_span(st.image, st.valid, torch.full_like(exits, st.prompt_length - 1))
-            seq.routable = has & seq.span.defined
-            lists = torch.stack([exits, has.long(), seq.routable.long()]).tolist()
+            end = torch.full_like(exits, st.prompt_length - 1)
+            span, count = span_mask(st.image, st.valid, end)
+            seq.routable = has & (count > 0)
+            lists = torch.stack([exits, has.long(), seq.routable.long(), count]).tolist()  # the prefill's one sync
             seq.exit_list, seq.has_list, routable = lists[0], [bool(v) for v in lists[1]], lists[2]
+            seq.span = TextSpan.from_mask(span, count, end, max(lists[3]))
             if routable != lists[1] and not self._warned:
                 self._warned = True
                 warnings.warn("DyVTE: a prompt has no text between its last image token and its final position; "

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Router", "router_features", "TextSpan", "text_span", "span_features", "exit_decision"]
+__all__ = ["Router", "router_features", "TextSpan", "span_mask", "text_span", "span_features", "exit_decision"]
 
 
 class Router(nn.Module):
@@ -47,31 +47,51 @@ def router_features(hidden: torch.Tensor, image: torch.Tensor, valid: torch.Tens
 
 @dataclass
 class TextSpan:
-    """The text positions a router averages (:func:`text_span`), kept per prefill: they do not change by layer."""
+    """The text positions a router averages (:func:`text_span`), kept per prefill: they do not change by layer.
 
-    weights: torch.Tensor  # [B, L, 1] fp32 0/1
+    ``index`` holds each sample's span positions (ascending, padded to the longest span ``S`` with positions of
+    weight 0) followed by its final prompt position, so a layer's router input is one gather of ``S + 1`` rows
+    instead of a pass over the whole sequence."""
+
+    index: torch.Tensor  # [B, S + 1] long
+    weights: torch.Tensor  # [B, S, 1] fp32 0/1
     count: torch.Tensor  # [B, 1] fp32, at least 1
-    last: torch.Tensor  # [B, 1, 1] long, the final prompt position
     defined: torch.Tensor  # [B] bool: the span is not empty
 
+    @classmethod
+    def from_mask(cls, span: torch.Tensor, count: torch.Tensor, end: torch.Tensor, width: int) -> "TextSpan":
+        """From :func:`span_mask`'s ``(span, count)``; ``width`` ≥ the largest count (known on the host)."""
+        B, L = span.shape
+        pos = torch.arange(L, device=span.device).expand(B, L)
+        order = torch.sort(torch.where(span, pos, pos + L), dim=1, stable=True).indices[:, :width]
+        return cls(index=torch.cat([order, end.view(B, 1)], dim=1), weights=span.gather(1, order)[..., None].float(),
+                   count=count.clamp(min=1)[:, None].float(), defined=count > 0)
 
-def text_span(image: torch.Tensor, valid: torch.Tensor, end: torch.Tensor) -> TextSpan:
-    """The valid positions strictly between each sample's last image token and ``end`` (see :func:`router_features`)."""
+
+def span_mask(image: torch.Tensor, valid: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(span [B, L] bool, count [B] long)``: the valid positions strictly between each sample's last image token and
+    ``end``."""
     B, L = image.shape
     pos = torch.arange(L, device=image.device).expand(B, L)
     last_img = torch.where(image, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
     span = (pos > last_img) & (pos < end[:, None]) & valid
-    count = span.sum(1)
-    return TextSpan(weights=span[..., None].float(), count=count.clamp(min=1)[:, None].float(),
-                    last=end.view(B, 1, 1), defined=count > 0)
+    return span, span.sum(1)
+
+
+def text_span(image: torch.Tensor, valid: torch.Tensor, end: torch.Tensor) -> TextSpan:
+    """The valid positions strictly between each sample's last image token and ``end`` (see :func:`router_features`).
+    Reads the longest span's length on the host (one device sync)."""
+    span, count = span_mask(image, valid, end)
+    return TextSpan.from_mask(span, count, end, int(count.max()))
 
 
 def span_features(hidden: torch.Tensor, span: TextSpan) -> torch.Tensor:
     """:func:`router_features`' ``feat`` from a precomputed :class:`TextSpan` (the mean accumulated in fp32)."""
     h = hidden.detach()
-    mean = (h * span.weights).sum(1) / span.count  # promoted to fp32 (fp64 stays fp64); 0/1 weights are exact
-    last = h.gather(1, span.last.expand(-1, 1, h.shape[-1])).squeeze(1)
-    return torch.cat([mean.to(h.dtype), last], dim=-1)
+    rows = h.gather(1, span.index[..., None].expand(-1, -1, h.shape[-1]))
+    width = span.weights.shape[1]
+    mean = (rows[:, :width] * span.weights).sum(1) / span.count  # promoted to fp32 (fp64 stays fp64); 0/1 weights
+    return torch.cat([mean.to(h.dtype), rows[:, width]], dim=-1)
 
 
 def exit_decision(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
