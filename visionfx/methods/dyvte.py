@@ -125,6 +125,7 @@ class _Sequence:
     compact_from: int | None = None
     span: "TextSpan | None" = None  # routed prefills: the routers' text span, and the samples that can exit
     routable: torch.Tensor | None = None
+    routable_list: list = field(default_factory=list)
 
 
 @dataclass
@@ -343,6 +344,7 @@ class DyVTEHandle(LlavaHandle):
             seq.routable = has & (count > 0)
             lists = torch.stack([exits, has.long(), seq.routable.long(), count]).tolist()  # the prefill's one sync
             seq.exit_list, seq.has_list, routable = lists[0], [bool(v) for v in lists[1]], lists[2]
+            seq.routable_list = [bool(v) for v in routable]
             seq.span = TextSpan.from_mask(span, count, end, max(lists[3]))
             if routable != lists[1] and not self._warned:
                 self._warned = True
@@ -428,15 +430,19 @@ class DyVTEHandle(LlavaHandle):
         step, seq = self._step, self._seq
         if step is None or seq is None or not step.prefill or not seq.routed or step.gathered:
             return
-        if not any(e == self.num_layers - 1 and h for e, h in zip(seq.exit_list, seq.has_list)):
+        # the samples still running whose router input is defined (the warning for the others came with the prefill)
+        last = self.num_layers - 1
+        pending = [e == last and r for e, r in zip(seq.exit_list, seq.routable_list)]
+        if not any(pending):
             return
         hidden = output[0] if isinstance(output, tuple) else output
-        # the samples still running whose router input is defined (the warning for the others came with the prefill)
-        pending = (seq.exits == self.num_layers - 1) & seq.routable
         with torch.no_grad():
             logits = self.routers[index](span_features(hidden, seq.span).to(self.routers[index].w1.weight.device))
-        seq.exits.masked_fill_(exit_decision(logits, self.config.threshold).to(pending.device) & pending, index)
-        seq.exit_list = seq.exits.tolist()  # the layer's one device sync: the next layer's shape depends on it
+        decision = exit_decision(logits, self.config.threshold)
+        exiting = [p and d for p, d in zip(pending, decision.tolist())]  # the layer's one device sync
+        if any(exiting):  # the next layer's shape depends on it; the device copy is updated only at an exit
+            seq.exits.masked_fill_(decision.to(seq.exits.device) & (seq.exits == last) & seq.routable, index)
+            seq.exit_list = [index if x else e for x, e in zip(exiting, seq.exit_list)]
 
 
 def _keep_indices(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -97,5 +97,7 @@ def span_features(hidden: torch.Tensor, span: TextSpan) -> torch.Tensor:
 def exit_decision(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """``[B, 2]`` router logits -> ``[B]`` bool: softmax P(exit) > threshold, i.e. ``logit_exit - logit_keep >
     log(t / (1 - t))`` (strictly; 0 at t = 0.5, the official argmax)."""
-    margin = 0.0 if threshold == 0.5 else math.log(threshold) - math.log1p(-threshold)
-    return (logits[..., 1] - logits[..., 0]).float() > margin
+    if threshold == 0.5:  # one comparison, exact in any dtype
+        return logits[..., 1] > logits[..., 0]
+    margin = math.log(threshold) - math.log1p(-threshold)
+    return (logits[..., 1].float() - logits[..., 0].float()) > margin
