@@ -279,9 +279,9 @@ def test_fidelity_script_tiny(reference, cache_dir, tmp_path):
 def test_fidelity_resets_dynamo_per_mixer(reference, cache_dir, monkeypatch):
     """Each mixer's compiled run starts from a fresh dynamo state (otherwise the shared code objects of the compiled
     forwards hit dynamo's recompile limit after a few mixers, and the later ones silently run eager)."""
+    from visionfx.recovery.config import DistillConfig
     from visionfx.recovery.data import load_image_data
     from visionfx.recovery.fidelity import run_fidelity
-    from visionfx.recovery.config import DistillConfig
 
     events = []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
