@@ -150,7 +150,10 @@ class DistillConfig(Recipe):
     Augmentation (on the device): crop_padding, flip, mixup_alpha, cutmix_alpha, mix_prob (stage 1 never mixes).
     Engine:
         grad_accum: micro-batches per optimiser step. mixed_precision: ``auto`` (bf16 on CUDA, else off), ``no``,
-        ``bf16``, ``fp16``. grad_clip: max gradient norm (0: off). compile: ``torch.compile`` the stage-2 forwards.
+        ``bf16``, ``fp16``. grad_clip: max gradient norm (0: off). compile: ``torch.compile`` the stage-2
+        forwards (a process that runs many compiled recoveries, e.g. a sweep, should call
+        ``torch._dynamo.reset()`` between them: the compiled forwards share code objects, and past dynamo's
+        recompile limit later runs silently go eager).
         seed: data order, augmentation and initialisation. eval_every: steps between evaluations (0: only at the
         start and at the end of each stage); eval_batch_size; eval_at_start: evaluate before stage 1.
         save_every: steps between checkpoints (0: at stage ends only); keep_checkpoints: how many to keep.
