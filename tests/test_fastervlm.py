@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import visionfx
-from tiny_llava import (IMAGE_TOKEN, NUM_PATCHES, PINPOINTS, build_llava, build_llava_next, greedy, left_pad,
-                        llava_batch, llava_next_batch, llava_next_tokens, prompt, select)
+from tiny_llava import (IMAGE_TOKEN, NUM_PATCHES, PINPOINTS, build_llava, build_llava_next, count_host_syncs, greedy,
+                        left_pad, llava_batch, llava_next_batch, llava_next_tokens, prompt, select)
 from visionfx.methods.fastervlm import FasterVLMConfig, VTCCLSConfig, cls_row_scores
 from visionfx.patches.llava import LlavaParts, get_handle, shrink_placeholders
 
@@ -362,6 +362,18 @@ def test_llava_next_pruning_oracle(nxt, nxt_batch, nxt_patched):
         assert torch.equal(handle.kept_positions[b], sel)
         assert torch.equal(pruned[b], full[b][sel])
         base += crops[b] * NUM_PATCHES
+
+
+def test_llava_next_packing_syncs_once_per_call(nxt, nxt_batch, nxt_patched, monkeypatch):
+    """Pruning the packed features of a batch of images reads the device once (the kept counts), not per image."""
+    from visionfx.methods import fastervlm as fastervlm_mod
+
+    handle = nxt_patched(keep=4)
+    syncs = count_host_syncs(monkeypatch, fastervlm_mod)
+    with torch.no_grad():
+        nxt.model.get_image_features(nxt_batch["pixel_values"], nxt_batch["image_sizes"])
+    monkeypatch.undo()
+    assert syncs.count("_prune_packed") == 1 and len(handle.kept_counts) == len(SIZES)
 
 
 def test_llava_next_batch_equals_per_sample(nxt, nxt_batch, nxt_patched):

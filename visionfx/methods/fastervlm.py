@@ -304,17 +304,17 @@ class FasterVLMHandle(LlavaHandle):
             image_newline=torch.tensor([-1.0], device=device))
         keep = torch.zeros(total * n, dtype=torch.bool, device=device)
         keep[(idx.to(device) + torch.arange(total, device=device)[:, None] * n).flatten()] = True
-        new, full, kept, positions = [], [], [], []
+        positions = []
         for f, p in zip(feats, packed):
             src = p[:, 0]
             if src.shape[0] != f.shape[0]:
                 raise RuntimeError(f"index packing gave {src.shape[0]} positions for {f.shape[0]} features")
-            sel = (src < 0) | keep[src.clamp(min=0).long()]
-            new.append(f[sel])
-            full.append(int(src.shape[0]))
-            kept.append(int(sel.sum()))
-            positions.append(sel)
-        return new, full, kept, positions
+            positions.append((src < 0) | keep[src.clamp(min=0).long()])
+        # the call's one device sync: how many positions each image keeps (unpadding drops some patches, so the
+        # counts depend on which were chosen); the selection itself is then a gather of known size
+        kept = torch.stack([sel.sum() for sel in positions]).tolist()
+        new = [f.index_select(0, torch.argsort(~sel, stable=True)[:k]) for f, sel, k in zip(feats, positions, kept)]
+        return new, [int(f.shape[0]) for f in feats], kept, positions
 
     def _encode(self, kw: dict[str, Any]):
         """Run the wrapped ``get_image_features`` on a call's image inputs; returns its output."""
