@@ -313,7 +313,8 @@ class FasterVLMHandle(LlavaHandle):
         # the call's one device sync: how many positions each image keeps (unpadding drops some patches, so the
         # counts depend on which were chosen); the selection itself is then a gather of known size
         kept = torch.stack([sel.sum() for sel in positions]).tolist()
-        new = [f.index_select(0, torch.argsort(~sel, stable=True)[:k]) for f, sel, k in zip(feats, positions, kept)]
+        new = [f.index_select(0, torch.argsort((~sel).to(torch.uint8), stable=True)[:k])  # kept ones first, in order
+               for f, sel, k in zip(feats, positions, kept)]
         return new, [int(f.shape[0]) for f in feats], kept, positions
 
     def _encode(self, kw: dict[str, Any]):
