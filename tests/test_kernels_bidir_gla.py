@@ -123,18 +123,24 @@ def test_diagonal_limit_is_per_block():
     """Block 0 decays 38.4 nats per channel: under the limit 40 it is factorised (factors up to e^38), under 38 it
     takes the exact walk. Only its rows change (in rounding), and both agree with the oracle."""
     q, k, v, gf, _ = make(1, 1, 40, 16, 16, "blocks")
+    check_limit_changes_only(q, k, v, gf, "chunked", rows=16)
+
+
+def check_limit_changes_only(q, k, v, g, impl, rows):
+    """Run with the diagonal limit at 40 and at 38 (gates ``g`` in both directions): the outputs differ, only in the
+    first ``rows`` tokens, and both agree with the float64 oracle."""
     outs = []
     mp = pytest.MonkeyPatch()
     try:
         for limit in (40.0, 38.0):
             mp.setattr(kt, "DIAG_SPAN_MAX", limit)
-            outs.append(bidir_gla_triton(q, k, v, gf, gf, scale=0.3, impl="chunked"))
+            outs.append(bidir_gla_triton(q, k, v, g, g, scale=0.3, impl=impl))
     finally:
         mp.undo()
     changed = ((outs[0] - outs[1]).abs().amax(-1)[0, 0] > 0).nonzero().flatten()
-    assert len(changed) > 0 and changed.max() < 16
+    assert len(changed) > 0 and changed.max() < rows
     for out in outs:
-        assert rel(out, naive(q, k, v, gf, gf, 0.3)) < 1e-5
+        assert rel(out, naive(q, k, v, g, g, 0.3)) < 1e-5
 
 
 @pytest.mark.parametrize("impl", ["direct", "chunked"])
@@ -157,18 +163,7 @@ def test_direct_diagonal_limit_is_per_chunk():
     change (in rounding), both agree with the oracle, and the later chunks (slow decays) are factorised in both."""
     q, k, v, gf, _ = make(1, 1, 150, 16, 16, "vig-init", seed=6)
     gf[:, :, :64] = -0.6
-    outs = []
-    mp = pytest.MonkeyPatch()
-    try:
-        for limit in (40.0, 38.0):
-            mp.setattr(kt, "DIAG_SPAN_MAX", limit)
-            outs.append(bidir_gla_triton(q, k, v, gf, gf, scale=0.3, impl="direct"))
-    finally:
-        mp.undo()
-    changed = ((outs[0] - outs[1]).abs().amax(-1)[0, 0] > 0).nonzero().flatten()
-    assert len(changed) > 0 and changed.max() < 64
-    for out in outs:
-        assert rel(out, naive(q, k, v, gf, gf, 0.3)) < 1e-5
+    check_limit_changes_only(q, k, v, gf, "direct", rows=64)
 
 
 def test_auto_picks_direct_for_short_sequences():

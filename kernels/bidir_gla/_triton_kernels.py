@@ -118,6 +118,15 @@ def _diag_grads(q, k, qd, eq, incl, total, g, do, v, r, span_max, REV: tl.conste
 
 
 @triton.jit
+def _own_tiles(Q, K, V, kbase, vbase, tok, hi, rk, rv, DK, DV, s_n, t_n, DT: tl.constexpr):
+    """A program's own tile of tokens ``tok`` (< ``hi``): ``(q, k)`` in fp32 and ``v`` in ``DT``."""
+    q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+    k = _tile(K + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
+    v = _tile(V + vbase, tok, hi, rv, DV, t_n).to(DT)
+    return q, k, v
+
+
+@triton.jit
 def _keys_before(K, V, gbase, kbase, vbase, lo, N, r, rk, rv, mid, DK, DV, s_n, t_n, g_n, g_c,
                  L: tl.constexpr, REV: tl.constexpr, DT: tl.constexpr):
     """The tile of ``L`` tokens at ``lo`` that comes before the current one in scan order, as the current tile's
@@ -227,9 +236,7 @@ def _fwd_out(
         if lo < N:
             hi = tl.minimum(lo + SUB, N)
             tok = lo + r
-            q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
-            k = _tile(K + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
-            v = _tile(V + vbase, tok, hi, rv, DV, t_n).to(DT)
+            q, k, v = _own_tiles(Q, K, V, kbase, vbase, tok, hi, rk, rv, DK, DV, s_n, t_n, DT)
             out = tl.zeros([SUB, BV], tl.float32)
             for d in tl.static_range(2):
                 gbase = G + d * g_dir + b * g_b + h * g_h
@@ -283,9 +290,7 @@ def _bwd_out(
             hi = tl.minimum(lo + SUB, N)
             tok = lo + r
             tm = tok < hi
-            q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
-            k = _tile(K + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
-            v = _tile(V + vbase, tok, hi, rv, DV, t_n).to(DT)
+            q, k, v = _own_tiles(Q, K, V, kbase, vbase, tok, hi, rk, rv, DK, DV, s_n, t_n, DT)
             do = _tile(DO + vbase, tok, hi, rv, DV, t_n).to(DT)
             dq = tl.zeros([SUB, BK], tl.float32)
             dk = tl.zeros([SUB, BK], tl.float32)
@@ -376,9 +381,7 @@ def _direct_fwd(
     lo = c * CH
     hi = tl.minimum(lo + CH, N)
     tok = lo + r
-    q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
-    k = _tile(K + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
-    v = _tile(V + vbase, tok, hi, rv, DV, t_n).to(DT)
+    q, k, v = _own_tiles(Q, K, V, kbase, vbase, tok, hi, rk, rv, DK, DV, s_n, t_n, DT)
     out = tl.zeros([CH, BV], tl.float32)
     for d in tl.static_range(2):
         gbase = G + d * g_dir + b * g_b + h * g_h
@@ -429,9 +432,7 @@ def _direct_bwd(
     hi = tl.minimum(lo + CH, N)
     tok = lo + r
     tm = tok < hi
-    q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
-    k = _tile(K + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
-    v = _tile(V + vbase, tok, hi, rv, DV, t_n).to(DT)
+    q, k, v = _own_tiles(Q, K, V, kbase, vbase, tok, hi, rk, rv, DK, DV, s_n, t_n, DT)
     do = _tile(DO + vbase, tok, hi, rv, DV, t_n).to(DT)
     dq = tl.zeros([CH, BK], tl.float32)
     dk = tl.zeros([CH, BK], tl.float32)
