@@ -26,6 +26,7 @@ def step_ms(method: str, batch: int, device: str, compile_: bool, steps: int, wa
     import torch
 
     import visionfx
+    from visionfx.recovery.engine import synchronize
     from visionfx.recovery.train import TrainConfig, build_reference_model
 
     torch.manual_seed(0)
@@ -40,10 +41,6 @@ def step_ms(method: str, batch: int, device: str, compile_: bool, steps: int, wa
     x = torch.randn(batch, 3, size, size, device=device)
     target = torch.randn(batch, 10, device=device)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
             loss = (run(x).float() - target).square().mean()
@@ -55,10 +52,10 @@ def step_ms(method: str, batch: int, device: str, compile_: bool, steps: int, wa
         step()
     times = []
     for _ in range(steps):
-        sync()
+        synchronize(device)
         t0 = time.perf_counter()
         step()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
