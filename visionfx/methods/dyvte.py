@@ -124,8 +124,7 @@ class _Sequence:
     has_list: list = field(default_factory=list)
     compact_from: int | None = None
     span: "TextSpan | None" = None  # routed prefills: the routers' text span, and the samples that can exit
-    routable: torch.Tensor | None = None
-    routable_list: list = field(default_factory=list)
+    routable: list = field(default_factory=list)
 
 
 @dataclass
@@ -341,12 +340,12 @@ class DyVTEHandle(LlavaHandle):
         if seq.routed:
             end = torch.full_like(exits, st.prompt_length - 1)
             span, count = span_mask(st.image, st.valid, end)
-            seq.routable = has & (count > 0)
-            lists = torch.stack([exits, has.long(), seq.routable.long(), count]).tolist()  # the prefill's one sync
-            seq.exit_list, seq.has_list, routable = lists[0], [bool(v) for v in lists[1]], lists[2]
-            seq.routable_list = [bool(v) for v in routable]
+            # the prefill's one sync: exits, which samples have an image, which can route, the span lengths
+            lists = torch.stack([exits, has.long(), (has & (count > 0)).long(), count]).tolist()
+            seq.exit_list = lists[0]
+            seq.has_list, seq.routable = ([bool(v) for v in row] for row in lists[1:3])
             seq.span = TextSpan.from_mask(span, count, end, max(lists[3]))
-            if routable != lists[1] and not self._warned:
+            if seq.routable != seq.has_list and not self._warned:
                 self._warned = True
                 warnings.warn("DyVTE: a prompt has no text between its last image token and its final position; "
                               "its router input is undefined and it never exits", stacklevel=2)
@@ -432,16 +431,16 @@ class DyVTEHandle(LlavaHandle):
             return
         # the samples still running whose router input is defined (the warning for the others came with the prefill)
         last = self.num_layers - 1
-        pending = [e == last and r for e, r in zip(seq.exit_list, seq.routable_list)]
+        pending = [e == last and r for e, r in zip(seq.exit_list, seq.routable)]
         if not any(pending):
             return
         hidden = output[0] if isinstance(output, tuple) else output
         with torch.no_grad():
             logits = self.routers[index](span_features(hidden, seq.span).to(self.routers[index].w1.weight.device))
-        decision = exit_decision(logits, self.config.threshold)
-        exiting = [p and d for p, d in zip(pending, decision.tolist())]  # the layer's one device sync
+        decided = exit_decision(logits, self.config.threshold).tolist()  # the layer's one device sync
+        exiting = [p and d for p, d in zip(pending, decided)]
         if any(exiting):  # the next layer's shape depends on it; the device copy is updated only at an exit
-            seq.exits.masked_fill_(decision.to(seq.exits.device) & (seq.exits == last) & seq.routable, index)
+            seq.exits.masked_fill_(torch.tensor(exiting, device=seq.exits.device), index)
             seq.exit_list = [index if x else e for x, e in zip(exiting, seq.exit_list)]
 
 
