@@ -2,10 +2,11 @@
 materialised oracle.
 
 The oracle builds the full ``[N, N, dk]`` decay tensors from float64 global cumulative sums (METHODS.md §7.1 closed
-form), independently of the chunked reference and of the kernels' chunk and sub-chunk factorisations. On CPU the
-kernels run under TRITON_INTERPRET=1 (conftest.py) in fp32, on tiny odd shapes; gate regimes cover near-zero and
-exactly zero decays, strong decays (−20 per token, which must take the exact diagonal path) and blocks just inside the
-factorised diagonal's limit. GPU tests (bf16/fp16, PERFORMANCE.md shapes) are marked and skipped without CUDA.
+form), independently of the chunked reference and of the kernels' chunk factorisations. On CPU the kernels run
+under TRITON_INTERPRET=1 (conftest.py) in fp32, on tiny odd shapes; gate regimes cover near-zero and exactly zero
+decays, strong decays (−20 per token, which must take the exact diagonal path), blocks of mixed decays, and a chunk
+just inside the factorised diagonal's limit. GPU tests (bf16/fp16, PERFORMANCE.md shapes) are marked and skipped
+without CUDA.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def gates(regime, B, H, N, d, g):
         t[..., :3] = -1e-3 * torch.rand(B, H, N, 3, generator=g)
         t[..., 3] = 0.0
         return t
-    if regime == "blocks":  # per 16-token block: just inside the factorised limit (16 × 2.4 = 38.4), none, −20, mixed
+    if regime == "blocks":  # per 16-token block: 2.4 per token, none, −20, mixed (the first chunk takes the exact walk)
         t = -torch.rand(B, H, N, d, generator=g) * 0.5
         t[:, :, 0:16] = -2.4
         t[:, :, 16:32] = -1e-7
@@ -119,13 +120,6 @@ def test_exact_diagonal_everywhere(impl):
         mp.undo()
 
 
-def test_diagonal_limit_is_per_block():
-    """Block 0 decays 38.4 nats per channel: under the limit 40 it is factorised (factors up to e^38), under 38 it
-    takes the exact walk. Only its rows change (in rounding), and both agree with the oracle."""
-    q, k, v, gf, _ = make(1, 1, 40, 16, 16, "blocks")
-    check_limit_changes_only(q, k, v, gf, "chunked", rows=16)
-
-
 def check_limit_changes_only(q, k, v, g, impl, rows):
     """Run with the diagonal limit at 40 and at 38 (gates ``g`` in both directions): the outputs differ, only in the
     first ``rows`` tokens, and both agree with the float64 oracle."""
@@ -157,13 +151,14 @@ def test_strong_decays_need_the_exact_diagonal(impl):
     assert not (torch.isfinite(out).all() and rel(out, naive(q, k, v, gf, gb, 0.3)) < 1e-3)
 
 
-def test_direct_diagonal_limit_is_per_chunk():
-    """impl="direct" factorises a whole 64-token chunk: chunk 0 decays 38.4 nats per channel (0.6 per token), so under
-    the limit 40 it is factorised (factors up to e^38), under 38 it takes the exact 64-key walk. Only its rows
-    change (in rounding), both agree with the oracle, and the later chunks (slow decays) are factorised in both."""
+@pytest.mark.parametrize("impl", ["direct", "chunked"])
+def test_diagonal_limit_is_per_chunk(impl):
+    """A whole 64-token chunk is factorised: chunk 0 decays 38.4 nats per channel (0.6 per token), so under the limit
+    40 it is factorised (factors up to e^38), under 38 it takes the exact 64-key walk. Only its rows change (in
+    rounding), both agree with the oracle, and the later chunks (slow decays) are factorised in both."""
     q, k, v, gf, _ = make(1, 1, 150, 16, 16, "vig-init", seed=6)
     gf[:, :, :64] = -0.6
-    check_limit_changes_only(q, k, v, gf, "direct", rows=64)
+    check_limit_changes_only(q, k, v, gf, impl, rows=64)
 
 
 def test_auto_picks_direct_for_short_sequences():
@@ -186,11 +181,9 @@ def test_auto_picks_direct_for_short_sequences():
 
 def test_several_chunks_and_split_states():
     """Three chunks (states carried over two boundaries each way) with the state split into 16×16 blocks."""
-    assert kt._state_blocks(2, 32, 32, torch.device("cpu")) == (32, 32)
     mp = pytest.MonkeyPatch()
-    mp.setattr(kt, "STATE_MIN_BLOCK", 16)
+    mp.setattr(kt, "STATE_BLOCK", 16)
     try:
-        assert kt._state_blocks(2, 32, 32, torch.device("cpu")) == (16, 16)
         check(*make(1, 1, 131, 32, 32, "vig-init", seed=2), impl="chunked")
     finally:
         mp.undo()

@@ -2,9 +2,8 @@
 
 Conventions shared by every kernel here:
 
-* A chunk is ``NS`` sub-chunks of ``SUB`` tokens (``CH = NS·SUB``). A sub-chunk is one ``[SUB, ·]`` register tile;
-  sub-chunk ``m`` of chunk ``c`` holds tokens ``c·CH + m·SUB + [0, SUB)`` in memory order for both directions. Scan
-  order is ascending tokens for direction 0 and descending for direction 1 (``REV``).
+* A program owns one chunk of ``CH`` tokens (one ``[CH, ·]`` register tile), tokens ``c·CH + [0, CH)`` in memory
+  order for both directions. Scan order is ascending tokens for direction 0 and descending for direction 1 (``REV``).
 * For a tile, ``incl`` is the inclusive cumulative sum of its gates in scan order and ``after`` the sum of the gates
   that follow each row within the tile in scan order. ``after`` is summed from a second, shifted load of the gates
   rather than taken as ``total − incl``: every exponent is then a sum of exactly the gates it stands for, so it is
@@ -49,7 +48,7 @@ def _gates(G, tok, lo, hi, rk, DK, g_n, g_c, REV: tl.constexpr):
 
 @triton.jit
 def _causal(r, REV: tl.constexpr):
-    """``[SUB, SUB]``: row i is at or after column j in scan order."""
+    """``[L, L]``: row i is at or after column j in scan order."""
     if REV:
         return r[:, None] <= r[None, :]
     else:
@@ -57,23 +56,23 @@ def _causal(r, REV: tl.constexpr):
 
 
 @triton.jit
-def _diag_exact(q, k, p, g, r, REV: tl.constexpr, SUB: tl.constexpr, GRAD: tl.constexpr):
+def _diag_exact(q, k, p, g, r, REV: tl.constexpr, L: tl.constexpr, GRAD: tl.constexpr):
     """Exact diagonal block: walk key positions j from last to first in scan order keeping
     ``M[i, :] = exp(Σ_{j < t ≤ i} g_t)`` (rows before j stay 0) by one multiplication per step, every factor ≤ 1.
 
-    Returns ``a [SUB, SUB]`` (``a_ij = Σ_c q_ic k_jc M``) and, with GRAD, ``dq``/``dk`` of ``p`` (``dq_i =
+    Returns ``a [L, L]`` (``a_ij = Σ_c q_ic k_jc M``) and, with GRAD, ``dq``/``dk`` of ``p`` (``dq_i =
     Σ_j p_ij k_j M``, ``dk_j = Σ_i p_ij q_i M``), else zeros."""
-    a = tl.zeros([SUB, SUB], tl.float32)
+    a = tl.zeros([L, L], tl.float32)
     dq = tl.zeros(q.shape, tl.float32)
     dk = tl.zeros(q.shape, tl.float32)
     M = tl.zeros(q.shape, tl.float32)
-    for t in range(SUB):
+    for t in range(L):
         if REV:
             jrow = t
             nrow = t - 1
         else:
-            jrow = SUB - 1 - t
-            nrow = SUB - t
+            jrow = L - 1 - t
+            nrow = L - t
         # rows are picked out by masked sums (exact: the other terms are zeros)
         gn = tl.sum(tl.where(r[:, None] == nrow, g, 0.0), 0)
         M = tl.where(r[:, None] == jrow, 1.0, M * tl.exp(gn)[None, :])
@@ -213,165 +212,18 @@ def _state_pass(
 
 
 @triton.jit
-def _fwd_out(
+def _chunk_fwd(
     Q, K, V, G, ST, O,
     N, n_chunks, n_bh, n_heads, scale, span_max,
     s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
     o_b, o_h, o_n,  # strides of the output (its last dim contiguous)
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NS: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+    STATES: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Output of one chunk, both directions summed on chip. Grid ``(B·H, n_chunks)``."""
-    pid_bh, c = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // n_heads, pid_bh % n_heads
-    kbase = b * s_b + h * s_h
-    vbase = b * t_b + h * t_h
-    r = tl.arange(0, SUB)
-    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
-    c0 = c * (NS * SUB)
-    soff = rk[:, None] * BV + rv[None, :]
-    for m in tl.static_range(NS):
-        lo = c0 + m * SUB
-        # sub-chunks past the end hold nothing and contribute nothing (zero keys and values, zero gates)
-        if lo < N:
-            hi = tl.minimum(lo + SUB, N)
-            tok = lo + r
-            q, k, v = _own_tiles(Q, K, V, kbase, vbase, tok, hi, rk, rv, DK, DV, s_n, t_n, DT)
-            out = tl.zeros([SUB, BV], tl.float32)
-            for d in tl.static_range(2):
-                gbase = G + d * g_dir + b * g_b + h * g_h
-                g, incl, after, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, d == 1)
-                qt = q * tl.exp(incl)  # relative to the point just before the tile in scan order: ≤ 1
-                qd = qt.to(DT)
-                # earlier sub-chunks in scan order, nearest first; `mid` sums the gates of those in between
-                mid = tl.zeros([BK], tl.float32)
-                for t in tl.static_range(m * (1 - d) + (NS - 1 - m) * d):
-                    lo_o = c0 + ((m - 1 - t) * (1 - d) + (m + 1 + t) * d) * SUB
-                    if lo_o < N:
-                        kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV,
-                                                        s_n, t_n, g_n, g_c, SUB, d == 1, DT)
-                        a = tl.dot(qd, tl.trans(kt), input_precision=PREC)
-                        out += tl.dot(a.to(DT), v_o, input_precision=PREC)
-                        mid += total_o
-                # earlier chunks through the state entering this one; `mid` sums the chunk's gates before the tile
-                s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV) + soff)
-                out += tl.dot((qt * tl.exp(mid)[None, :]).to(DT), s.to(DT), input_precision=PREC)
-                # the tile itself
-                a = _diag_scores(q, k, qd, incl, total, g, r, span_max, d == 1, SUB, DT, PREC)
-                out += tl.dot(a.to(DT), v, input_precision=PREC)
-            tl.store(O + b * o_b + h * o_h + tok[:, None] * o_n + rv[None, :], (out * scale).to(O.dtype.element_ty),
-                     mask=(tok < hi)[:, None] & (rv < DV)[None, :])
-
-
-@triton.jit
-def _bwd_out(
-    Q, K, V, DO, G, ST, DQ, DK_, DV_, DA,
-    N, n_chunks, n_bh, n_heads, scale, span_max,
-    s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NS: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
-):
-    """dq, dk, dv of one chunk (both directions summed on chip) and the per-direction gate terms
-    ``dA_d = q ⊙ dq_d − k ⊙ dk_d`` (``DA [2, B·H, N, DK]`` fp32, direction 0 stored in reversed token order so that
-    ascending cumulative sums give both directions' gate gradients; ``triton._gate_grads`` sums them per chunk).
-    Grid ``(B·H, n_chunks)``; ``ST`` holds the forward states (kind 0) and the gradient states (kind 1) entering each
-    chunk."""
-    pid_bh, c = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // n_heads, pid_bh % n_heads
-    kbase = b * s_b + h * s_h
-    vbase = b * t_b + h * t_h
-    r = tl.arange(0, SUB)
-    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
-    c0 = c * (NS * SUB)
-    soff = rk[:, None] * BV + rv[None, :]
-    for m in tl.static_range(NS):
-        lo = c0 + m * SUB
-        if lo < N:
-            hi = tl.minimum(lo + SUB, N)
-            tok = lo + r
-            tm = tok < hi
-            q, k, v = _own_tiles(Q, K, V, kbase, vbase, tok, hi, rk, rv, DK, DV, s_n, t_n, DT)
-            do = _tile(DO + vbase, tok, hi, rv, DV, t_n).to(DT)
-            dq = tl.zeros([SUB, BK], tl.float32)
-            dk = tl.zeros([SUB, BK], tl.float32)
-            dv = tl.zeros([SUB, BV], tl.float32)
-            for d in tl.static_range(2):
-                gbase = G + d * g_dir + b * g_b + h * g_h
-                g, incl, after, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, d == 1)
-                eq = tl.exp(incl)
-                qt = q * eq
-                qd = qt.to(DT)
-                # dq from earlier sub-chunks (nearest first) and earlier chunks, to be multiplied by exp(incl)
-                acc = tl.zeros([SUB, BK], tl.float32)
-                mid = tl.zeros([BK], tl.float32)
-                for t in tl.static_range(m * (1 - d) + (NS - 1 - m) * d):
-                    lo_o = c0 + ((m - 1 - t) * (1 - d) + (m + 1 + t) * d) * SUB
-                    if lo_o < N:
-                        kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV,
-                                                        s_n, t_n, g_n, g_c, SUB, d == 1, DT)
-                        p = tl.dot(do, tl.trans(v_o), input_precision=PREC)
-                        acc += tl.dot(p.to(DT), kt, input_precision=PREC)
-                        mid += total_o
-                s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV) + soff).to(DT)
-                acc += tl.dot(do, tl.trans(s), input_precision=PREC) * tl.exp(mid)[None, :]
-                dq_d = eq * acc
-                # dk, dv from later sub-chunks (nearest first) and later chunks
-                dk_d = tl.zeros([SUB, BK], tl.float32)
-                mid = tl.zeros([BK], tl.float32)
-                for t in tl.static_range(m * d + (NS - 1 - m) * (1 - d)):
-                    lo_o = c0 + ((m + 1 + t) * (1 - d) + (m - 1 - t) * d) * SUB
-                    if lo_o < N:
-                        hi_o = tl.minimum(lo_o + SUB, N)
-                        tok_o = lo_o + r
-                        q_o = _tile(Q + kbase, tok_o, hi_o, rk, DK, s_n).to(tl.float32)
-                        do_o = _tile(DO + vbase, tok_o, hi_o, rv, DV, t_n).to(DT)
-                        _, incl_o, _, total_o = _gates(gbase, tok_o, lo_o, hi_o, rk, DK, g_n, g_c, d == 1)
-                        qt_o = (q_o * tl.exp(incl_o)).to(DT)
-                        f = tl.exp(after + mid[None, :])  # this tile's keys relative to the later tile's start
-                        a = tl.dot(qt_o, tl.trans((k * f).to(DT)), input_precision=PREC)  # [later rows, rows]
-                        p = tl.dot(do_o, tl.trans(v), input_precision=PREC)
-                        dv += tl.dot(tl.trans(a.to(DT)), do_o, input_precision=PREC)
-                        dk_d += f * tl.dot(tl.trans(p.to(DT)), qt_o, input_precision=PREC)
-                        mid += total_o
-                rs = tl.load(ST + (((2 + d) * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV) + soff).to(DT)
-                f = tl.exp(after + mid[None, :])  # to the end of the chunk in scan order
-                dk_d += f * tl.dot(v, tl.trans(rs), input_precision=PREC)
-                dv += tl.dot((k * f).to(DT), rs, input_precision=PREC)
-                # the tile itself
-                a, dq_x, dk_x = _diag_grads(q, k, qd, eq, incl, total, g, do, v, r, span_max, d == 1, SUB, DT, PREC)
-                dq_d += dq_x
-                dk_d += dk_x
-                dv += tl.dot(tl.trans(a.to(DT)), do, input_precision=PREC)
-                if d == 0:
-                    arow = N - 1 - tok
-                else:
-                    arow = tok
-                tl.store(DA + (d * n_bh + pid_bh).to(tl.int64) * N * DK + arow[:, None] * DK + rk[None, :],
-                         (q * dq_d - k * dk_d) * scale, mask=tm[:, None] & (rk < DK)[None, :])
-                dq += dq_d
-                dk += dk_d
-            kmask = tm[:, None] & (rk < DK)[None, :]
-            vmask = tm[:, None] & (rv < DV)[None, :]
-            kout = kbase + tok[:, None] * s_n + rk[None, :]
-            tl.store(DQ + kout, (dq * scale).to(DQ.dtype.element_ty), mask=kmask)
-            tl.store(DK_ + kout, (dk * scale).to(DK_.dtype.element_ty), mask=kmask)
-            tl.store(DV_ + vbase + tok[:, None] * t_n + rv[None, :], (dv * scale).to(DV_.dtype.element_ty),
-                     mask=vmask)
-
-
-@triton.jit
-def _direct_fwd(
-    Q, K, V, G, O,
-    N, n_chunks, n_bh, n_heads, scale, span_max,
-    s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
-    o_b, o_h, o_n,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NS: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
-):
-    """Output of one ``CH = SUB·NS``-token chunk without stored states (``impl="direct"``): both directions, the
-    chunk with itself and with every earlier chunk in scan order as ``[CH, CH]`` tensor-core products. Grid
+    """Output of one ``CH``-token chunk, both directions summed on chip: the chunk with itself (factorised or exact,
+    :func:`_diag_scores`) and the earlier chunks in scan order, through the stored state entering the chunk
+    (``STATES``; ``ST [2, B·H, n_chunks, BK, BV]``) or directly, one ``[CH, CH]`` product per earlier chunk. Grid
     ``(B·H, n_chunks)``."""
-    CH: tl.constexpr = SUB * NS
     pid_bh, c = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     kbase = b * s_b + h * s_h
@@ -390,38 +242,54 @@ def _direct_fwd(
         # the chunk itself
         a = _diag_scores(q, k, qd, incl, total, g, r, span_max, d == 1, CH, DT, PREC)
         out += tl.dot(a.to(DT), v, input_precision=PREC)
-        # earlier chunks in scan order, nearest first; `mid` sums the gates of the chunks in between
-        mid = tl.zeros([BK], tl.float32)
-        if d == 0:
-            n_prev = c
+        if STATES:
+            s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV)
+                        + rk[:, None] * BV + rv[None, :])
+            out += tl.dot(qd, s.to(DT), input_precision=PREC)
         else:
-            n_prev = n_chunks - 1 - c
-        for t in range(n_prev):
+            # earlier chunks in scan order, nearest first; `mid` sums the gates of the chunks in between
+            mid = tl.zeros([BK], tl.float32)
             if d == 0:
-                lo_o = (c - 1 - t) * CH
+                n_prev = c
             else:
-                lo_o = (c + 1 + t) * CH
-            kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n, t_n,
-                                            g_n, g_c, CH, d == 1, DT)
-            a = tl.dot(qd, tl.trans(kt), input_precision=PREC)
-            out += tl.dot(a.to(DT), v_o, input_precision=PREC)
-            mid += total_o
+                n_prev = n_chunks - 1 - c
+            for t in range(n_prev):
+                if d == 0:
+                    lo_o = (c - 1 - t) * CH
+                else:
+                    lo_o = (c + 1 + t) * CH
+                kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n,
+                                                t_n, g_n, g_c, CH, d == 1, DT)
+                a = tl.dot(qd, tl.trans(kt), input_precision=PREC)
+                out += tl.dot(a.to(DT), v_o, input_precision=PREC)
+                mid += total_o
     tl.store(O + b * o_b + h * o_h + tok[:, None] * o_n + rv[None, :], (out * scale).to(O.dtype.element_ty),
              mask=(tok < hi)[:, None] & (rv < DV)[None, :])
 
 
 @triton.jit
-def _direct_bwd(
-    Q, K, V, DO, G, DQ, DK_, DV_, DA,
+def _chunk_bwd(
+    Q, K, V, DO, G, ST, DQ, DK_, DV_, DG,
     N, n_chunks, n_bh, n_heads, scale, span_max,
     s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NS: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+    STATES: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq, dk, dv of one chunk and its gate terms ``DA`` (as :func:`_bwd_out`) without stored states: the chunk's
-    queries meet the keys of its own and every earlier chunk (dq), its keys and values the queries of its own and
-    every later chunk in scan order (dk, dv). Grid ``(B·H, n_chunks)``."""
-    CH: tl.constexpr = SUB * NS
+    """dq, dk, dv of one ``CH``-token chunk (both directions summed on chip) and its gate gradients. The chunk's
+    queries meet the keys of its own and the earlier chunks in scan order (dq), its keys and values the queries of its
+    own and the later chunks (dk, dv): through the stored states entering the chunk (``STATES``;
+    ``ST [2, 2, B·H, n_chunks, BK, BV]``, the forward states, kind 0, and the gradient states, kind 1) or directly,
+    chunk by chunk. Grid ``(B·H, n_chunks)``.
+
+    Gate gradients (``DG [2, B·H, N, DK]`` fp32, token order): with ``dA_d = q ⊙ dq_d − k ⊙ dk_d`` per direction,
+    ``dgf_t = Σ_{s≥t} dA_0,s`` and ``dgb_t = Σ_{s≤t} dA_1,s``. The kernel sums only inside its chunk and, with
+    ``STATES``, adds the sum over the other chunks as its exact value at the chunk's boundary, a product of the two
+    states that meet there (no cancellation): the gate between tokens ``t−1`` and ``t`` is crossed by every pair
+    (later query, earlier key), so in scan order the sum beyond the chunk is ``Σ_e S[:, e] ⊙ R[:, e]``, with ``S``
+    the forward state entering the next chunk and ``R`` the gradient state entering this one. One sum over the
+    whole sequence would carry the rounding of the 16-bit products behind dq and dk where the true gradient cancels
+    (``dgf`` at the first token is exactly 0): in bf16 at N = 4097 that error was several percent of the gradient.
+    Without ``STATES`` (short sequences) the host adds the other chunks' sums (:func:`triton._add_carries`)."""
     pid_bh, c = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     kbase = b * s_b + h * s_h
@@ -437,6 +305,7 @@ def _direct_bwd(
     dq = tl.zeros([CH, BK], tl.float32)
     dk = tl.zeros([CH, BK], tl.float32)
     dv = tl.zeros([CH, BV], tl.float32)
+    soff = rk[:, None] * BV + rv[None, :]
     for d in tl.static_range(2):
         gbase = G + d * g_dir + b * g_b + h * g_h
         g, incl, after, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, d == 1)
@@ -451,44 +320,60 @@ def _direct_bwd(
         else:
             n_prev = n_chunks - 1 - c
             n_next = c
-        # keys of earlier chunks (nearest first): dq, to be multiplied by exp(incl)
-        acc = tl.zeros([CH, BK], tl.float32)
-        mid = tl.zeros([BK], tl.float32)
-        for t in range(n_prev):
-            if d == 0:
-                lo_o = (c - 1 - t) * CH
-            else:
-                lo_o = (c + 1 + t) * CH
-            kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n, t_n,
-                                            g_n, g_c, CH, d == 1, DT)
-            pp = tl.dot(do, tl.trans(v_o), input_precision=PREC)
-            acc += tl.dot(pp.to(DT), kt, input_precision=PREC)
-            mid += total_o
+        # keys of earlier chunks: dq, to be multiplied by exp(incl)
+        if STATES:
+            s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV) + soff).to(DT)
+            acc = tl.dot(do, tl.trans(s), input_precision=PREC)
+        else:
+            acc = tl.zeros([CH, BK], tl.float32)
+            mid = tl.zeros([BK], tl.float32)  # gates of the chunks in between (nearest first)
+            for t in range(n_prev):
+                if d == 0:
+                    lo_o = (c - 1 - t) * CH
+                else:
+                    lo_o = (c + 1 + t) * CH
+                kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n,
+                                                t_n, g_n, g_c, CH, d == 1, DT)
+                pp = tl.dot(do, tl.trans(v_o), input_precision=PREC)
+                acc += tl.dot(pp.to(DT), kt, input_precision=PREC)
+                mid += total_o
         dq_d += eq * acc
-        # queries of later chunks (nearest first): dk (to be multiplied by exp(after)) and dv
+        # queries of later chunks: dk (to be multiplied by exp(after)) and dv
         f = tl.exp(after)  # this chunk's keys relative to its end in scan order: ≤ 1
         kf = (k * f).to(DT)
-        acc = tl.zeros([CH, BK], tl.float32)
-        mid = tl.zeros([BK], tl.float32)
-        for t in range(n_next):
-            if d == 0:
-                lo_o = (c + 1 + t) * CH
-            else:
-                lo_o = (c - 1 - t) * CH
-            qt_o, do_o, total_o = _queries_after(Q, DO, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n,
-                                                 t_n, g_n, g_c, CH, d == 1, DT)
-            aa = tl.dot(qt_o, tl.trans(kf), input_precision=PREC)  # [later rows, rows]
-            pp = tl.dot(do_o, tl.trans(v), input_precision=PREC)
-            dv += tl.dot(tl.trans(aa.to(DT)), do_o, input_precision=PREC)
-            acc += tl.dot(tl.trans(pp.to(DT)), qt_o, input_precision=PREC)
-            mid += total_o
-        dk_d += f * acc
-        if d == 0:
-            arow = N - 1 - tok
+        if STATES:
+            rs = tl.load(ST + (((2 + d) * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV) + soff).to(DT)
+            acc = tl.dot(v, tl.trans(rs), input_precision=PREC)
+            dv += tl.dot(kf, rs, input_precision=PREC)
         else:
-            arow = tok
-        tl.store(DA + (d * n_bh + pid_bh).to(tl.int64) * N * DK + arow[:, None] * DK + rk[None, :],
-                 (q * dq_d - k * dk_d) * scale, mask=tm[:, None] & (rk < DK)[None, :])
+            acc = tl.zeros([CH, BK], tl.float32)
+            mid = tl.zeros([BK], tl.float32)
+            for t in range(n_next):
+                if d == 0:
+                    lo_o = (c + 1 + t) * CH
+                else:
+                    lo_o = (c - 1 - t) * CH
+                qt_o, do_o, total_o = _queries_after(Q, DO, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV,
+                                                     s_n, t_n, g_n, g_c, CH, d == 1, DT)
+                aa = tl.dot(qt_o, tl.trans(kf), input_precision=PREC)  # [later rows, rows]
+                pp = tl.dot(do_o, tl.trans(v), input_precision=PREC)
+                dv += tl.dot(tl.trans(aa.to(DT)), do_o, input_precision=PREC)
+                acc += tl.dot(tl.trans(pp.to(DT)), qt_o, input_precision=PREC)
+                mid += total_o
+        dk_d += f * acc
+        dA = (q * dq_d - k * dk_d) * scale  # rows past the end are 0 (q and k are)
+        if d == 0:
+            dg = tl.cumsum(dA, 0, reverse=True)
+            nb = c + 1
+        else:
+            dg = tl.cumsum(dA, 0)
+            nb = c - 1
+        if STATES:
+            if (nb >= 0) & (nb < n_chunks):
+                so = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + nb).to(tl.int64) * (BK * BV) + soff)
+                dg += scale * tl.sum(so.to(tl.float32) * rs.to(tl.float32), 1)[None, :]
+        tl.store(DG + (d * n_bh + pid_bh).to(tl.int64) * N * DK + tok[:, None] * DK + rk[None, :], dg,
+                 mask=tm[:, None] & (rk < DK)[None, :])
         dq += dq_d
         dk += dk_d
     kmask = tm[:, None] & (rk < DK)[None, :]
