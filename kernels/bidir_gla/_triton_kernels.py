@@ -154,28 +154,26 @@ def _queries_after(Q, DO, gbase, kbase, vbase, lo, N, r, rk, rv, mid, DK, DV, s_
 
 
 @triton.jit
-def _state_pass(
-    K, V, Q, DO, G, ST,
+def _chunk_sums(
+    K, V, Q, DO, G, U, E,
     N, n_chunks, n_bh, n_heads,
     s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
     KINDS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BKS: tl.constexpr, BVS: tl.constexpr, CH: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    CH: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Sequential walk over chunks storing, for every chunk, a ``[BKS, BVS]`` block of the fp32 state entering it.
+    """Each chunk's own term of the state recurrence (:func:`_state_scan`), all chunks in parallel. Grid
+    ``(B·H, 2·KINDS, n_chunks)``.
 
-    Grid ``(B·H, 2·KINDS, state blocks)``. Kind 0 (forward state, walk in scan order): ``S ← exp(total) S +
-    (k ⊙ exp(after))ᵀ v``. Kind 1 (gradient state of the backward pass, walk against scan order): ``R ← exp(total) R +
-    (q ⊙ exp(incl))ᵀ dO``, the state of the later tokens' ``q ⊗ dO`` decayed to the end of the chunk. ``ST`` is
-    ``[KINDS, 2, B·H, n_chunks, BK, BV]``."""
-    pid_bh, pid_dk, pid_blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    Kind 0 (forward state, walked in scan order): ``U = (k ⊙ exp(after))ᵀ v``, the chunk's keys decayed to its end.
+    Kind 1 (gradient state of the backward pass, walked against scan order): ``U = (q ⊙ exp(incl))ᵀ dO``, the
+    chunk's queries decayed to its start. ``E = exp(Σ_chunk g)``, the chunk's decay per key channel. ``U`` is fp32
+    ``[KINDS, 2, B·H, n_chunks, BK, BV]``, ``E`` fp32 ``[KINDS, 2, B·H, n_chunks, BK]``."""
+    pid_bh, pid_dk, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d = pid_dk // KINDS
     kind = pid_dk % KINDS
     b, h = pid_bh // n_heads, pid_bh % n_heads
-    kb, vb = pid_blk // (BV // BVS), pid_blk % (BV // BVS)
-    rk = kb * BKS + tl.arange(0, BKS)
-    rv = vb * BVS + tl.arange(0, BVS)
+    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
     rt = tl.arange(0, CH)
-    rev_walk = (d + kind) == 1
     # kind 0 sums the gates after each row (shifted load), kind 1 the gates up to it (unshifted)
     shift = (1 - kind) * (1 - 2 * d)
     # vector-shaped: the interpreter rejects masks broadcast from scalars
@@ -185,30 +183,53 @@ def _state_pass(
     kbase = b * s_b + h * s_h
     vbase = b * t_b + h * t_h
     km = (rk < DK)[None, :]
-    sptr = ST + ((kind * 2 + d) * n_bh + pid_bh).to(tl.int64) * n_chunks * BK * BV + rk[:, None] * BV + rv[None, :]
-    S = tl.zeros([BKS, BVS], tl.float32)
+    lo = c * CH
+    hi = tl.minimum(lo + CH, N)
+    tok = lo + rt
+    g = tl.load(gbase + tok[:, None] * g_n + rk[None, :] * g_c, mask=(tok < hi)[:, None] & km, other=0.0)
+    sh = tok + shift
+    gs = tl.load(gbase + sh[:, None] * g_n + rk[None, :] * g_c, mask=((sh >= lo) & (sh < hi))[:, None] & km,
+                 other=0.0)
+    w = tl.where((d + kind) == 1, tl.cumsum(gs, 0), tl.cumsum(gs, 0, reverse=True))
+    # the kind picks the operands; the other pair's loads are masked off and read nothing
+    xm = (tok < hi)[:, None] & km
+    ym = (tok < hi)[:, None] & (rv < DV)[None, :]
+    xo = tok[:, None] * s_n + rk[None, :]
+    yo = tok[:, None] * t_n + rv[None, :]
+    x = (tl.load(K + kbase + xo, mask=xm & is0, other=0.0).to(tl.float32)
+         + tl.load(Q + kbase + xo, mask=xm & is1, other=0.0).to(tl.float32))
+    y = (tl.load(V + vbase + yo, mask=ym & is0, other=0.0).to(tl.float32)
+         + tl.load(DO + vbase + yo, mask=ym & is1, other=0.0).to(tl.float32))
+    u = tl.dot(tl.trans(x * tl.exp(w)).to(DT), y.to(DT), input_precision=PREC)
+    row = ((kind * 2 + d) * n_bh + pid_bh).to(tl.int64) * n_chunks + c
+    tl.store(U + row * (BK * BV) + rk[:, None] * BV + rv[None, :], u)
+    tl.store(E + row * BK + rk, tl.exp(tl.sum(g, 0)))
+
+
+@triton.jit
+def _state_scan(
+    U, E, ST, n_chunks, n_bh,
+    KINDS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKS: tl.constexpr,
+):
+    """The states entering every chunk: a sequential walk over the chunks of one direction (kind 0 in scan order,
+    kind 1 against it), ``S ← E_c ⊙ S + U_c`` in fp32, storing ``S`` before each step into ``ST`` (its dtype). Only
+    elementwise work is serial here; each program carries ``BKS`` rows of the state (rows are independent). Grid
+    ``(B·H, 2·KINDS, BK // BKS)``; buffers as in :func:`_chunk_sums`, ``ST`` like ``U``."""
+    pid_bh, pid_dk, kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    d = pid_dk // KINDS
+    kind = pid_dk % KINDS
+    rk = kb * BKS + tl.arange(0, BKS)
+    rv = tl.arange(0, BV)
+    row0 = ((kind * 2 + d) * n_bh + pid_bh).to(tl.int64) * n_chunks
+    off = rk[:, None] * BV + rv[None, :]
+    rev_walk = (d + kind) == 1
+    S = tl.zeros([BKS, BV], tl.float32)
     for step in range(n_chunks):
-        c = tl.where(rev_walk, n_chunks - 1 - step, step)
-        tl.store(sptr + c * BK * BV, S.to(ST.dtype.element_ty))
-        lo = c * CH
-        hi = tl.minimum(lo + CH, N)
-        tok = lo + rt
-        g = tl.load(gbase + tok[:, None] * g_n + rk[None, :] * g_c, mask=(tok < hi)[:, None] & km, other=0.0)
-        sh = tok + shift
-        gs = tl.load(gbase + sh[:, None] * g_n + rk[None, :] * g_c, mask=((sh >= lo) & (sh < hi))[:, None] & km,
-                     other=0.0)
-        w = tl.where(rev_walk, tl.cumsum(gs, 0), tl.cumsum(gs, 0, reverse=True))
-        # the kind picks the operands; the other pair's loads are masked off and read nothing
-        xm = (tok < hi)[:, None] & km
-        ym = (tok < hi)[:, None] & (rv < DV)[None, :]
-        xo = tok[:, None] * s_n + rk[None, :]
-        yo = tok[:, None] * t_n + rv[None, :]
-        x = (tl.load(K + kbase + xo, mask=xm & is0, other=0.0).to(tl.float32)
-             + tl.load(Q + kbase + xo, mask=xm & is1, other=0.0).to(tl.float32))
-        y = (tl.load(V + vbase + yo, mask=ym & is0, other=0.0).to(tl.float32)
-             + tl.load(DO + vbase + yo, mask=ym & is1, other=0.0).to(tl.float32))
-        xw = tl.trans(x * tl.exp(w)).to(DT)
-        S = S * tl.exp(tl.sum(g, 0))[:, None] + tl.dot(xw, y.to(DT), input_precision=PREC)
+        row = row0 + tl.where(rev_walk, n_chunks - 1 - step, step)
+        u = tl.load(U + row * (BK * BV) + off)
+        e = tl.load(E + row * BK + rk)
+        tl.store(ST + row * (BK * BV) + off, S.to(ST.dtype.element_ty))
+        S = S * e[:, None] + u
 
 
 @triton.jit

@@ -6,10 +6,11 @@ Chunked design (``impl="chunked"``). Tokens are cut into chunks of ``CH = 64``. 
 forwards, descending backwards) let ``a_i`` be the inclusive cumulative log-decay; token j reaches i ≥ j with the
 per-channel factor ``exp(a_i − a_j) ≤ 1``.
 
-* **State pass** (``_state_pass``, one launch, grid ``(B·H, direction[·kind], state block)``): a program walks the
-  chunks of one direction sequentially, carrying an fp32 ``[dk, dv]`` state (blocks of at most ``STATE_BLOCK``
-  rows and columns: they are independent) and stores the state entering every chunk (in bf16 for bf16 inputs, where
-  it is read only as a bf16 dot operand): ``S ← exp(total) S + (k ⊙ exp(after))ᵀ v``.
+* **States** (two launches): ``_chunk_sums`` (grid ``(B·H, direction[·kind], chunk)``, all chunks in parallel)
+  computes every chunk's own term ``U_c = (k ⊙ exp(after))ᵀ v`` (fp32) and its decay ``E_c = exp(Σ_chunk g)``; then
+  ``_state_scan`` walks the chunks of each direction sequentially, ``S ← E_c ⊙ S + U_c``, and stores the state
+  entering every chunk (in bf16 for bf16 inputs, where it is read only as a bf16 dot operand). Only elementwise work
+  is serial, and the state's rows are independent, so for small ``B·H`` the scan splits them over more programs.
 * **Output pass** (``_chunk_fwd``, grid ``(B·H, chunk)``): a program owns one chunk and *both* directions, so it
   reads q, k, v once and writes ``(o_f + o_b)/2`` once, in the input dtype. Per direction, with the reference point
   just before the chunk in scan order and ``q̃ = q ⊙ exp(a_i − a_c)`` (≤ 1):
@@ -72,10 +73,10 @@ from __future__ import annotations
 import torch
 import triton
 
-from visionfx.kernels._triton_host import token_layout_output
+from visionfx.kernels._triton_host import device_sm_count, token_layout_output
 from visionfx.kernels.bidir_gla._host import _dot_dtype, _gates, _p2, _prec, _same_layout
 from visionfx.kernels.bidir_gla._scan import _bwd_scan, _fwd_scan
-from visionfx.kernels.bidir_gla._triton_kernels import _chunk_bwd, _chunk_fwd, _state_pass
+from visionfx.kernels.bidir_gla._triton_kernels import _chunk_bwd, _chunk_fwd, _chunk_sums, _state_scan
 
 __all__ = ["bidir_gla_triton"]
 
@@ -84,7 +85,7 @@ CH = 64  # tokens per chunk: one register tile, and the state pass's step
 DIRECT_MAX_CHUNKS = 4  # longest sequence, in chunks, that "auto" runs without stored states
 DIRECT_BWD_CH = 32  # tokens per chunk of the direct backward
 DIAG_SPAN_MAX = 40.0  # largest per-channel decay (nats) of a chunk whose scores with itself are factorised
-STATE_BLOCK = 64  # largest state block (rows or columns) one state-pass program carries
+SCAN_MIN_ROWS = 8  # fewest state rows one program of the serial state scan carries
 
 
 def _chunked_states(k, v, q, do, gates, kinds):
@@ -92,19 +93,31 @@ def _chunked_states(k, v, q, do, gates, kinds):
     B, H, N, dk = k.shape
     dv = v.shape[-1]
     BK, BV = _p2(dk), _p2(dv)
-    bks, bvs = min(BK, STATE_BLOCK), min(BV, STATE_BLOCK)
     n_chunks = triton.cdiv(N, CH)
     lowp = k.dtype == torch.bfloat16
-    states = torch.empty(kinds, 2, B * H, n_chunks, BK, BV, device=k.device,
-                         dtype=torch.bfloat16 if lowp else torch.float32)
+    u = torch.empty(kinds, 2, B * H, n_chunks, BK, BV, device=k.device, dtype=torch.float32)
+    e = torch.empty(kinds, 2, B * H, n_chunks, BK, device=k.device, dtype=torch.float32)
     g, g_off = gates
-    _state_pass[(B * H, 2 * kinds, (BK // bks) * (BV // bvs))](
-        k, v, q, do, g, states, N, n_chunks, B * H, H,
+    _chunk_sums[(B * H, 2 * kinds, n_chunks)](
+        k, v, q, do, g, u, e, N, n_chunks, B * H, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), g_off, *g.stride(),
-        KINDS=kinds, DK=dk, DV=dv, BK=BK, BV=BV, BKS=bks, BVS=bvs, CH=CH, DT=_dot_dtype(k.dtype),
-        PREC=_prec(k.dtype), num_warps=4, num_stages=2,
+        KINDS=kinds, DK=dk, DV=dv, BK=BK, BV=BV, CH=CH, DT=_dot_dtype(k.dtype), PREC=_prec(k.dtype), num_warps=4,
     )
+    states = torch.empty_like(u, dtype=torch.bfloat16 if lowp else torch.float32)
+    bks = _scan_rows(B * H * 2 * kinds, BK, k.device)
+    _state_scan[(B * H, 2 * kinds, BK // bks)](u, e, states, n_chunks, B * H, KINDS=kinds, BK=BK, BV=BV, BKS=bks,
+                                               num_warps=4, num_stages=3)
     return states
+
+
+def _scan_rows(n_programs, bk, device):
+    """State rows per program of the serial scan: halved (down to SCAN_MIN_ROWS) until there are a few programs per
+    SM, since for small ``B·H`` the scan's parallelism comes from splitting the state."""
+    sms = device_sm_count(device) if device.type == "cuda" else 132
+    rows = bk
+    while n_programs * (bk // rows) < 4 * sms and rows > SCAN_MIN_ROWS:
+        rows //= 2
+    return rows
 
 
 def _launch(q, v, gates, scale, ch, backward, states):
