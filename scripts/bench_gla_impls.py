@@ -6,7 +6,7 @@ the earlier ``"scan"``), with SDPA at the same shape.
 For each (N, B): forward (``triton.testing.do_bench`` median and, in brackets, the same call replayed from a CUDA
 graph) and forward+backward; vig's gate parametrisation (logsigmoid(x + 4) / 16). ``direct`` (no stored states,
 quadratic in the number of 64-token chunks) runs up to N = 1025 only; ``auto`` picks it up to
-``DIRECT_MAX_CHUNKS`` chunks.
+``DIRECT_MAX_CHUNKS`` chunks forwards and ``DIRECT_BWD_MAX_CHUNKS`` backwards.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def measure(B: int, N: int, H: int = 6, d: int = 64) -> dict:
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, N, d, generator=g).to("cuda", torch.bfloat16).requires_grad_() for _ in range(3))
-    gf, gb = (t.cuda().requires_grad_() for t in (F.logsigmoid(torch.randn(2, B, H, N, d, generator=g) + 4.0) / 16))
-    leaves, do = [q, k, v, gf, gb], torch.randn_like(q)
+    # both directions' gates as two views of one fp32 buffer, as the vig mixer makes them (no copy in the op)
+    gates = (F.logsigmoid(torch.randn(2, B, H, N, d, generator=g) + 4.0) / 16).cuda().requires_grad_()
+    gf, gb = gates[0], gates[1]
+    leaves, do = [q, k, v, gates], torch.randn_like(q)
     row = {"N": N, "B": B, "H": H, "d": d, "sdpa_fwd_ms": tt.do_bench(lambda: F.scaled_dot_product_attention(q, k, v))}
     sdpa_leaves = [q, k, v]
     row["sdpa_fwd_bwd_ms"] = tt.do_bench(

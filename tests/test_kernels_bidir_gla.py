@@ -161,21 +161,26 @@ def test_diagonal_limit_is_per_chunk(impl):
     check_limit_changes_only(q, k, v, gf, impl, rows=64)
 
 
-def test_auto_picks_direct_for_short_sequences():
-    """impl="auto" (the default) runs "direct" up to DIRECT_MAX_CHUNKS 64-token chunks and "chunked" beyond; the two
-    agree with each other and with the oracle at a length that either may take."""
+@pytest.mark.parametrize("N, fwd, bwd", [(131, "direct", "direct"), (197, "direct", "chunked")])
+def test_auto_picks_direct_for_short_sequences(N, fwd, bwd):
+    """impl="auto" (the default) runs "direct" up to DIRECT_MAX_CHUNKS 64-token chunks forwards and up to
+    DIRECT_BWD_MAX_CHUNKS backwards, "chunked" beyond; the two agree with each other and with the oracle."""
     assert kt.IMPL == "auto"
     assert kt._direct_fits(64 * kt.DIRECT_MAX_CHUNKS) and not kt._direct_fits(64 * kt.DIRECT_MAX_CHUNKS + 1)
-    q, k, v, gf, gb = make(1, 2, 131, 16, 24, "vig-init", seed=7)
-    outs, grads = [], []
+    assert kt._direct_fits(64 * kt.DIRECT_BWD_MAX_CHUNKS, backward=True)
+    assert not kt._direct_fits(64 * kt.DIRECT_BWD_MAX_CHUNKS + 1, backward=True)
+    q, k, v, gf, gb = make(1, 2, N, 16, 24, "vig-init", seed=7)
+    outs, grads = {}, {}
     for impl in ("direct", "chunked", None):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, gf, gb)]
         out = bidir_gla_triton(*leaves, scale=0.3, impl=impl)
-        outs.append(out)
-        grads.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
-    torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=0)  # auto took direct at 3 chunks
-    assert rel(outs[0], outs[1]) < 1e-5 and rel(outs[0], naive(q, k, v, gf, gb, 0.3)) < 1e-5
-    for a, b in zip(grads[0], grads[1]):
+        outs[impl] = out
+        grads[impl] = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    torch.testing.assert_close(outs[None], outs[fwd], rtol=0, atol=0)  # which implementation ran
+    for a, b in zip(grads[None], grads[bwd]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert rel(outs["direct"], outs["chunked"]) < 1e-5 and rel(outs["direct"], naive(q, k, v, gf, gb, 0.3)) < 1e-5
+    for a, b in zip(grads["direct"], grads["chunked"]):
         assert close(a, b)
 
 

@@ -111,7 +111,8 @@ def _inputs(config: str, B: int, H: int, N: int, d: int, dtype, device, grad: bo
         return [q, k, v, a, b1, b2], dict(scale1=d**-0.5, scale2=d**-0.5)
     if _op(config) == "bidir_gla":
         gates = F.logsigmoid(torch.randn(2, B, H, N, d, generator=g) + 4.0) / 16  # the vig parametrisation
-        gf, gb = (t.to(device).requires_grad_(grad) for t in gates)
+        # both directions as two views of one buffer, as the vig mixer makes them (the op then copies nothing)
+        gf, gb = gates.to(device).requires_grad_(grad).unbind(0)
         return [q, k, v, gf, gb], dict(scale=d**-0.5)
     opts = {key: val for key, val in CONFIGS[config].items() if key not in ("key_weights", "rope")}
     if "scale" in opts:

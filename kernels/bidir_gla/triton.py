@@ -49,8 +49,10 @@ Fusing the two passes for small ``B·H`` was considered and not done: a fused pr
 serialises the intra-chunk work that the output pass runs in parallel over chunks, and since the output pass sums
 both directions on chip, a fused version would need an fp32 scratch or atomics plus a cast.
 
-Direct design (``impl="direct"``; the default ``"auto"`` takes it up to ``DIRECT_MAX_CHUNKS`` = 4 chunks, N ≤ 256,
-and ``"chunked"`` beyond). Short sequences (vig at 32² CIFAR images has N = 65, at 224² N = 197) have too few chunks for
+Direct design (``impl="direct"``; the default ``"auto"`` takes it for the forward up to ``DIRECT_MAX_CHUNKS`` = 4
+chunks, N ≤ 256, for the backward up to ``DIRECT_BWD_MAX_CHUNKS`` = 3, N ≤ 192, and ``"chunked"`` beyond: timed on
+the H200 at N = 65–256, B·N ≈ 50k, bf16, the direct forward was faster at every length (0.48 vs 0.56 ms at N = 256),
+the direct backward up to N = 129 (3.40 vs 3.77 ms) but not at N = 197 (3.08 vs 2.58 ms)). Short sequences (vig at 32² CIFAR images has N = 65, at 224² N = 197) have too few chunks for
 the state pass to pay: its programs walk one or two chunks each, and the states it stores are as large as the inputs.
 The direct kernels (the same ``_chunk_fwd`` and ``_chunk_bwd`` without ``STATES``) store no state: a program owns one
 chunk (64 tokens forwards, ``DIRECT_BWD_CH`` = 32 in the backward, where smaller tiles spill less) and both
@@ -80,9 +82,10 @@ from visionfx.kernels.bidir_gla._triton_kernels import _chunk_bwd, _chunk_fwd, _
 
 __all__ = ["bidir_gla_triton"]
 
-IMPL = "auto"  # default implementation: "auto" ("direct" up to DIRECT_MAX_CHUNKS chunks, else "chunked") or one of them
+IMPL = "auto"  # default: "auto" ("direct" for sequences of few chunks, else "chunked") or one of them
 CH = 64  # tokens per chunk: one register tile, and the state pass's step
-DIRECT_MAX_CHUNKS = 4  # longest sequence, in chunks, that "auto" runs without stored states
+DIRECT_MAX_CHUNKS = 4  # longest sequence, in chunks, whose forward "auto" runs without stored states
+DIRECT_BWD_MAX_CHUNKS = 3  # and whose backward
 DIRECT_BWD_CH = 32  # tokens per chunk of the direct backward
 DIAG_SPAN_MAX = 40.0  # largest per-channel decay (nats) of a chunk whose scores with itself are factorised
 SCAN_MIN_ROWS = 8  # fewest state rows one program of the serial state scan carries
@@ -200,8 +203,8 @@ def _bwd_direct(do, q, k, v, gf, gb, scale):
     return _bwd_pass(do, q, k, v, gf, gb, scale, False)
 
 
-def _direct_fits(N):
-    return triton.cdiv(N, CH) <= DIRECT_MAX_CHUNKS
+def _direct_fits(N, backward=False):
+    return triton.cdiv(N, CH) <= (DIRECT_BWD_MAX_CHUNKS if backward else DIRECT_MAX_CHUNKS)
 
 
 def _fwd_auto(q, k, v, gf, gb, scale):
@@ -209,7 +212,7 @@ def _fwd_auto(q, k, v, gf, gb, scale):
 
 
 def _bwd_auto(do, q, k, v, gf, gb, scale):
-    return (_bwd_direct if _direct_fits(q.shape[2]) else _bwd_chunked)(do, q, k, v, gf, gb, scale)
+    return (_bwd_direct if _direct_fits(q.shape[2], backward=True) else _bwd_chunked)(do, q, k, v, gf, gb, scale)
 
 
 _IMPLS = {"auto": (_fwd_auto, _bwd_auto), "direct": (_fwd_direct, _bwd_direct), "chunked": (_fwd_chunked, _bwd_chunked),
@@ -293,7 +296,8 @@ def bidir_gla_triton(q, k, v, gf, gb, *, scale, chunk_size=64, impl=None):
         scale: multiplies ``q_t S_t``.
         chunk_size: accepted for signature parity (the kernel's chunking is internal and, like the reference's,
             does not change the result).
-        impl: ``"auto"`` (``"direct"`` up to ``DIRECT_MAX_CHUNKS`` 64-token chunks, else ``"chunked"``), ``"direct"``
+        impl: ``"auto"`` (``"direct"`` up to ``DIRECT_MAX_CHUNKS`` 64-token chunks forwards and
+            ``DIRECT_BWD_MAX_CHUNKS`` backwards, else ``"chunked"``), ``"direct"``
             (no stored states; short sequences), ``"chunked"`` (state pass and output pass) or ``"scan"`` (the previous
             kernel); default ``IMPL``.
 
