@@ -29,7 +29,7 @@ per-channel factor ``exp(a_i − a_j) ≤ 1``.
   No other ``exp`` of a positive exponent is formed anywhere: every other exponent is a sum of gates (≤ 0), each
   summed from exactly the gates it stands for (a shifted load gives the gates *after* a row, instead of the
   difference ``total − incl``), which also keeps its rounding error proportional to its own size.
-* **Backward**: one state-pass launch computes both the forward states and the gradient states
+* **Backward**: the same two state launches compute both the forward states and the gradient states
   ``R ← exp(total) R + (q ⊙ exp(incl))ᵀ dO`` (walking against scan order; R is the later tokens' ``q ⊗ dO`` decayed
   to the chunk's end), then ``_chunk_bwd`` (grid ``(B·H, chunk)``, both directions on chip) builds dq, dk, dv from
   the two states and the chunk's own ``[CH, CH]`` products (factorised or exact as above) and the gate gradients:
@@ -44,17 +44,18 @@ backward's from 3.3 to 1.5 ms, and the forward as a whole went from 1.98 to 0.71
 serial walk dominated, from 1.53 to 0.28 ms; docs/benchmarks.md, seventh series).
 
 Dot operands are bf16 for bf16 inputs and fp32 (ieee for fp32, tf32 for fp16) otherwise, always accumulated in fp32;
-gates and cumulative log-decays are fp32 throughout. Launches: two per forward, two per backward.
+gates and cumulative log-decays are fp32 throughout. Launches: three per forward, three per backward.
 
-Fusing the two passes for small ``B·H`` was considered and not done: a fused program must walk the sequence, so it
-serialises the intra-chunk work that the output pass runs in parallel over chunks, and since the output pass sums
+Fusing the state scan into the output pass was considered and not done: a fused program must walk the sequence, so
+it serialises the intra-chunk work that the output pass runs in parallel over chunks, and since the output pass sums
 both directions on chip, a fused version would need an fp32 scratch or atomics plus a cast.
 
 Direct design (``impl="direct"``; the default ``"auto"`` takes it for the forward up to ``DIRECT_MAX_CHUNKS`` = 4
 chunks, N ≤ 256, for the backward up to ``DIRECT_BWD_MAX_CHUNKS`` = 3, N ≤ 192, and ``"chunked"`` beyond: timed on
 the H200 at N = 65–256, B·N ≈ 50k, bf16, the direct forward was faster at every length (0.48 vs 0.56 ms at N = 256),
-the direct backward up to N = 129 (3.40 vs 3.77 ms) but not at N = 197 (3.08 vs 2.58 ms)). Short sequences (vig at 32² CIFAR images has N = 65, at 224² N = 197) have too few chunks for
-the state pass to pay: its programs walk one or two chunks each, and the states it stores are as large as the inputs.
+the direct backward up to N = 129 (3.40 vs 3.77 ms) but not at N = 197 (3.08 vs 2.58 ms)). Short sequences (vig at
+32² CIFAR images has N = 65, at 224² N = 197) have too few chunks for the states to pay: they are as large as the
+inputs, and are written and read again.
 The direct kernels (the same ``_chunk_fwd`` and ``_chunk_bwd`` without ``STATES``) store no state: a program owns one
 chunk (64 tokens forwards, ``DIRECT_BWD_CH`` = 32 in the backward, where smaller tiles spill less) and both
 directions, and meets every earlier chunk in scan order directly, one ``[CH, CH]`` score product each, with both
@@ -189,7 +190,7 @@ def _add_carries(dg, ch):
     last = torch.arange(1, n_chunks + 1, device=dg.device).mul(ch).clamp(max=N).sub(1)
     tot_f = dg[0, :, :, ::ch]  # a chunk's total: its suffix sum at its first token
     tot_b = dg[1, :, :, last]  # and its prefix sum at its last token
-    zero = tot_f[:, :, :1].mul(0.0)
+    zero = torch.zeros_like(tot_f[:, :, :1])
     later = torch.cat((tot_f[:, :, 1:].flip(2).cumsum(2).flip(2), zero), 2)
     earlier = torch.cat((zero, tot_b[:, :, :-1].cumsum(2)), 2)
     dg[0] += later.repeat_interleave(ch, 2)[:, :, :N]
