@@ -290,7 +290,7 @@ def _chunk_fwd(
 
 @triton.jit
 def _chunk_bwd(
-    Q, K, V, DO, G, ST, DQ, DK_, DV_, DG,
+    Q, K, V, DO, G, ST, DQ, DK_, DV_, DGF, DGB,
     N, n_chunks, n_bh, n_heads, scale, span_max,
     s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
@@ -302,7 +302,7 @@ def _chunk_bwd(
     ``ST [2, 2, B·H, n_chunks, BK, BV]``, the forward states, kind 0, and the gradient states, kind 1) or directly,
     chunk by chunk. Grid ``(B·H, n_chunks)``.
 
-    Gate gradients (``DG [2, B·H, N, DK]`` fp32, token order): with ``dA_d = q ⊙ dq_d − k ⊙ dk_d`` per direction,
+    Gate gradients (``DGF``, ``DGB``: ``[B·H, N, DK]`` fp32, token order): with ``dA_d = q ⊙ dq_d − k ⊙ dk_d`` per direction,
     ``dgf_t = Σ_{s≥t} dA_0,s`` and ``dgb_t = Σ_{s≤t} dA_1,s``. The kernel sums only inside its chunk and, with
     ``STATES``, adds the sum over the other chunks as its exact value at the chunk's boundary, a product of the two
     states that meet there (no cancellation): the gate between tokens ``t−1`` and ``t`` is crossed by every pair
@@ -393,7 +393,11 @@ def _chunk_bwd(
             if (nb >= 0) & (nb < n_chunks):
                 so = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + nb).to(tl.int64) * (BK * BV) + soff)
                 dg += scale * tl.sum(so.to(tl.float32) * rs.to(tl.float32), 1)[None, :]
-        tl.store(DG + (d * n_bh + pid_bh).to(tl.int64) * N * DK + tok[:, None] * DK + rk[None, :], dg,
+        if d == 0:
+            dg_out = DGF
+        else:
+            dg_out = DGB
+        tl.store(dg_out + pid_bh.to(tl.int64) * N * DK + tok[:, None] * DK + rk[None, :], dg,
                  mask=tm[:, None] & (rk < DK)[None, :])
         dq += dq_d
         dk += dk_d

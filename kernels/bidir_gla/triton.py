@@ -172,29 +172,29 @@ def _bwd_pass(do, q, k, v, gf, gb, scale, states):
     gates = _gates(gf, gb)
     st = _chunked_states(k, v, q, do, gates, 2) if states else q  # q: a placeholder the kernel never reads
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dg = torch.empty((2,) + q.shape, device=q.device, dtype=torch.float32)
+    dgf, dgb = (torch.empty(q.shape, device=q.device, dtype=torch.float32) for _ in range(2))
     ch = CH if states else DIRECT_BWD_CH
     grid, args, meta = _launch(q, v, gates, scale, ch, True, states)
-    _chunk_bwd[grid](q, k, v, do, gates[0], st, dq, dk, dv, dg, *args, **meta)
+    _chunk_bwd[grid](q, k, v, do, gates[0], st, dq, dk, dv, dgf, dgb, *args, **meta)
     if not states:
-        _add_carries(dg, ch)
-    return dq, dk, dv, dg[0], dg[1]
+        _add_carries(dgf, dgb, ch)
+    return dq, dk, dv, dgf, dgb
 
 
-def _add_carries(dg, ch):
-    """Complete the chunk-local gate sums of the direct backward in place (``dg [2, B, H, N, dk]``: suffix sums
-    forwards, prefix sums backwards, each inside its chunk) with the sums of the other chunks of the (short)
-    sequence: the later chunks' totals forwards, the earlier ones' backwards."""
-    N = dg.shape[3]
+def _add_carries(dgf, dgb, ch):
+    """Complete the chunk-local gate sums of the direct backward in place (``[B, H, N, dk]``: ``dgf`` suffix sums,
+    ``dgb`` prefix sums, each inside its chunk) with the sums of the other chunks of the (short) sequence: the later
+    chunks' totals forwards, the earlier ones' backwards."""
+    N = dgf.shape[2]
     n_chunks = triton.cdiv(N, ch)
-    last = torch.arange(1, n_chunks + 1, device=dg.device).mul(ch).clamp(max=N).sub(1)
-    tot_f = dg[0, :, :, ::ch]  # a chunk's total: its suffix sum at its first token
-    tot_b = dg[1, :, :, last]  # and its prefix sum at its last token
+    last = torch.arange(1, n_chunks + 1, device=dgf.device).mul(ch).clamp(max=N).sub(1)
+    tot_f = dgf[:, :, ::ch]  # a chunk's total: its suffix sum at its first token
+    tot_b = dgb[:, :, last]  # and its prefix sum at its last token
     zero = torch.zeros_like(tot_f[:, :, :1])
     later = torch.cat((tot_f[:, :, 1:].flip(2).cumsum(2).flip(2), zero), 2)
     earlier = torch.cat((zero, tot_b[:, :, :-1].cumsum(2)), 2)
-    dg[0] += later.repeat_interleave(ch, 2)[:, :, :N]
-    dg[1] += earlier.repeat_interleave(ch, 2)[:, :, :N]
+    dgf += later.repeat_interleave(ch, 2)[:, :, :N]
+    dgb += earlier.repeat_interleave(ch, 2)[:, :, :N]
 
 
 def _bwd_chunked(do, q, k, v, gf, gb, scale):
