@@ -36,10 +36,11 @@ Memory layout (every step is token-wise except the DWC and the scans, so the tok
   stride), so its output is ``[B, H·W, C]`` without a transpose copy.
 * The forward and backward log-decays are two views of one fp32 ``[B, N, 2, h, d]`` buffer, the layout the bidir_gla
   kernel reads without copying.
-* The output stage is two RMSNorms, a sigmoid and one ``lerp`` (``y = L̂ + G·(ô − L̂)``), which writes y in host
-  order into ``[B, N, h, d]`` memory (returned as its ``[B, h, N, d]`` view, so merging the heads is free). Without
-  autograd, in eager mode, the lerp writes its three token ranges straight into their host positions; with autograd
-  or under ``torch.compile`` (which fuses it) the scan-order result is reordered by a concatenation.
+* The output stage is two RMSNorms, a sigmoid and one ``lerp`` (``y = L̂ + G·(ô − L̂)``), written in host order into
+  ``[B, N, h, d]`` memory (returned as its ``[B, h, N, d]`` view, so merging the heads is free). Without autograd, in
+  eager mode, it is one op (``kernels/vig_output``: a fused Triton kernel on CUDA that reads each input once and
+  writes y at the host positions; its reference writes the three token ranges straight into place); with autograd or
+  under ``torch.compile`` (which fuses it) it is the PyTorch composition, reordered by a concatenation.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionfx.config import AttentionConfig
+from visionfx.kernels.dispatch import choose, preload
+from visionfx.kernels.vig_output.reference import host_segments, normed_mix
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
 from visionfx.registry import MethodSpec
 
@@ -127,13 +130,6 @@ def _scan_cat(prefix: torch.Tensor, patches: torch.Tensor, index: int, dim: int)
     return torch.cat((patches.narrow(dim, 0, index), prefix, patches.narrow(dim, index, rest)), dim)
 
 
-def _segments(num_prefix: int, num_patches: int, index: int) -> list[tuple[int, int, int]]:
-    """``(scan start, host start, length)`` of the non-empty token ranges that scan order moves."""
-    after = index + num_prefix
-    segs = [(0, num_prefix, index), (index, 0, num_prefix), (after, after, num_patches - index)]
-    return [s for s in segs if s[2] > 0]
-
-
 def to_scan_order(t: torch.Tensor, num_prefix: int, index: int, dim: int = 2) -> torch.Tensor:
     """Move the first ``num_prefix`` tokens of ``t`` (along ``dim``), contiguously, to just before patch ``index``."""
     if num_prefix == 0 or index == 0:
@@ -147,7 +143,7 @@ def from_scan_order(t: torch.Tensor, num_prefix: int, index: int, dim: int = 2) 
     if num_prefix == 0 or index == 0:
         return t
     n = t.shape[dim]
-    pieces = [t.narrow(dim, src, length) for src, _, length in sorted(_segments(num_prefix, n - num_prefix, index),
+    pieces = [t.narrow(dim, src, length) for src, _, length in sorted(host_segments(num_prefix, n - num_prefix, index),
                                                                       key=lambda seg: seg[1])]
     return torch.cat(pieces, dim)
 
@@ -166,6 +162,8 @@ class VigAttention(TokenMixer):
 
     def __init__(self, config: VigConfig, host: HostInfo):
         super().__init__(config, host)
+        if config.backend != "reference":
+            preload("vig_output")
         if host.dim != host.attn_dim:
             raise ValueError(
                 f"vig mixes the attention output with the (convolved) layer input per head, so the host's attn_dim "
@@ -238,31 +236,18 @@ class VigAttention(TokenMixer):
 
     def _output(self, o: torch.Tensor, xs: torch.Tensor, P0: int, P: int) -> torch.Tensor:
         """Scan-order ``o [B, h, N, d]`` and ``xs [B, N, C]`` -> y ``[B, N, h, d]`` (contiguous) in host order."""
-        B, h, N, d = o.shape
         cfg = self.config
-        dtype = torch.promote_types(o.dtype, xs.dtype)
-        # normalise o in whichever of its two layouts is contiguous, so the norm copies nothing
-        o_t = o.transpose(1, 2)
-        if o_t.is_contiguous():
-            o_hat = F.rms_norm(o_t, (d,), self.norm_o, cfg.rms_eps)
-        else:
-            o_hat = F.rms_norm(o, (d,), self.norm_o, cfg.rms_eps).transpose(1, 2)
-        l_hat = F.rms_norm(xs.unflatten(-1, (h, d)), (d,), self.norm_l, cfg.rms_eps)
-        gate = self.mix(xs).sigmoid_().unflatten(-1, (h, d))
-        o_hat, l_hat, gate = o_hat.to(dtype), l_hat.to(dtype), gate.to(dtype)
         m = scan_index(P, cfg.prefix_position)
-        if P0 == 0 or m == 0:
-            y = torch.lerp(l_hat, o_hat, gate)
-        elif torch.is_grad_enabled() or torch.compiler.is_compiling():
-            y = from_scan_order(torch.lerp(l_hat, o_hat, gate), P0, m, dim=1)
-        else:
-            y = o.new_empty((B, N, h, d), dtype=dtype)
-            for src, dst, n in _segments(P0, P, m):
-                torch.lerp(l_hat[:, src : src + n], o_hat[:, src : src + n], gate[:, src : src + n],
-                           out=y[:, dst : dst + n])
-        if cfg.out_act:
-            y = F.silu(y, inplace=not torch.is_grad_enabled())
-        return y
+        logits = self.mix(xs)
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            # inference: one fused kernel on CUDA (kernels/vig_output), else the reference's three direct writes
+            dtype = torch.promote_types(o.dtype, xs.dtype)
+            fn = choose("vig_output", cfg.backend, o.device.type, dtype, o.shape[-1])[0]
+            return fn(o, xs, logits, self.norm_o, self.norm_l, eps=cfg.rms_eps, num_prefix=P0, scan_index=m,
+                      silu=cfg.out_act)
+        o_hat, l_hat, gate = normed_mix(o, xs, logits, self.norm_o, self.norm_l, cfg.rms_eps)
+        y = from_scan_order(torch.lerp(l_hat, o_hat, gate), P0, m, dim=1)
+        return F.silu(y) if cfg.out_act else y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, prefix_position={self.config.prefix_position}"
