@@ -24,7 +24,8 @@ Decisions where the spec leaves room:
 * The official init has zero biases; ``forget_bias_init`` and ``mix_bias_init`` belong to the pretrained init.
 * Log-decays are computed in fp32 (float64 for float64 inputs), whatever the parameters' dtype: the low-rank gate's
   second GEMM reads its (rank-wide) input in fp32 and writes fp32 logits directly, and ``logsigmoid(g)/n`` is one
-  ``softplus`` with a negative β.
+  ``softplus`` with a negative β (``kernels/vig_gates``; without autograd on CUDA one Triton kernel does the GEMM and
+  the log-sigmoid and writes the log-decays once).
 
 Memory layout (every step is token-wise except the DWC and the scans, so the token order is free to choose):
 
@@ -53,6 +54,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig
 from visionfx.kernels.dispatch import choose, preload
+from visionfx.kernels.vig_gates.reference import vig_gates_reference
 from visionfx.kernels.vig_output.reference import host_segments, normed_mix
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
 from visionfx.registry import MethodSpec
@@ -163,6 +165,7 @@ class VigAttention(TokenMixer):
     def __init__(self, config: VigConfig, host: HostInfo):
         super().__init__(config, host)
         if config.backend != "reference":
+            preload("vig_gates")
             preload("vig_output")
         if host.dim != host.attn_dim:
             raise ValueError(
@@ -215,15 +218,19 @@ class VigAttention(TokenMixer):
         """Forward and backward log-decays ``[B, h, N, d]`` (fp32, float64 for float64 input) from ``xs [B, N, C]``,
         in xs's token order: two views of one ``[B, N, 2, h, d]`` buffer."""
         B, N, _ = xs.shape
-        acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
-        up, n = self.gate_up, self.config.gate_normalizer
-        # logsigmoid(g)/n = softplus(g/n; β = −n): one pass over the fp32 logits instead of two, with 1/n folded into
-        # the small W2 and b2; past the threshold (−g > 40) softplus returns g/n, which is logsigmoid(g)/n to within
-        # e^-40 relative, and never exponentiates a large number
-        u = F.linear(self.gate_down(xs).to(acc), up.weight.to(acc) / n, up.bias.to(acc) / n).to(acc)
-        a = F.softplus(u, beta=-n, threshold=40.0)
+        up, z = self.gate_up, self.gate_down(xs)
+        fn = self._inference_op("vig_gates", z.dtype) or vig_gates_reference
+        a = fn(z, up.weight, up.bias, self.config.gate_normalizer)
         a = a.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return a[0], a[1]
+
+    def _inference_op(self, name: str, dtype: torch.dtype):
+        """Op ``name``'s function (a fused Triton kernel on CUDA, else its reference) when no autograd graph is built
+        and nothing is being compiled; ``None`` otherwise (the caller runs the PyTorch composition)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        device = next(self.parameters()).device.type
+        return choose(name, self.config.backend, device, dtype, self.head_dim)[0]
 
     def forward(self, q, k, v, x, layout: TokenLayout):
         """``q, k, v [B, h, N, d]`` and ``x`` = xs ``[B, N, C]``, all in scan order (see :meth:`pre_qkv`) -> y
@@ -239,10 +246,9 @@ class VigAttention(TokenMixer):
         cfg = self.config
         m = scan_index(P, cfg.prefix_position)
         logits = self.mix(xs)
-        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
-            # inference: one fused kernel on CUDA (kernels/vig_output), else the reference's three direct writes
-            dtype = torch.promote_types(o.dtype, xs.dtype)
-            fn = choose("vig_output", cfg.backend, o.device.type, dtype, o.shape[-1])[0]
+        # inference: one fused kernel on CUDA (kernels/vig_output), else the reference's three direct writes
+        fn = self._inference_op("vig_output", torch.promote_types(o.dtype, xs.dtype))
+        if fn is not None:
             return fn(o, xs, logits, self.norm_o, self.norm_l, eps=cfg.rms_eps, num_prefix=P0, scan_index=m,
                       silu=cfg.out_act)
         o_hat, l_hat, gate = normed_mix(o, xs, logits, self.norm_o, self.norm_l, cfg.rms_eps)

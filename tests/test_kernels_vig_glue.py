@@ -1,9 +1,10 @@
-"""vig's output stage (``kernels/vig_output``): the Triton kernel (TRITON_INTERPRET=1 on CPU, fp32) and the reference
-against a float64 oracle written from the formula, with its own host-order permutation.
+"""vig's glue ops, the Triton kernels (TRITON_INTERPRET=1 on CPU, fp32) and the references, against float64 oracles
+written from the formulas.
 
-Oracle: ``y[host(s)] = l̂_s + sigmoid(g_s)·(ô_s − l̂_s)`` (then SiLU), ``ô = o / sqrt(mean_d o² + eps) · w_o`` and
-``l̂`` likewise from the layer input, per head; ``host`` maps scan order ``[patches < m, prefix, patches ≥ m]`` to
-``[prefix, patches]``.
+``kernels/vig_output``: ``y[host(s)] = l̂_s + sigmoid(g_s)·(ô_s − l̂_s)`` (then SiLU), ``ô = o / sqrt(mean_d o² + eps)
+· w_o`` and ``l̂`` likewise from the layer input, per head; ``host`` maps scan order ``[patches < m, prefix, patches ≥
+m]`` to ``[prefix, patches]`` (the oracle builds its own permutation). ``kernels/vig_gates``: ``log σ(z W2ᵀ + b2) /
+n``, checked relative to each value (saturated logits included).
 """
 
 from __future__ import annotations
@@ -116,3 +117,39 @@ def test_low_precision_gpu(dtype):
     err = ((y.double() - want).norm() / want.norm()).item()
     ref_err = ((vig_output_reference(*args, **kw).double() - want).norm() / want.norm()).item()
     assert err <= max(2 * ref_err, 4e-3), (err, ref_err)
+
+
+# --- vig's log-decays (kernels/vig_gates) ---------------------------------------------------------------------------
+
+from visionfx.kernels.vig_gates.reference import vig_gates_reference  # noqa: E402
+from visionfx.kernels.vig_gates.triton import vig_gates_triton  # noqa: E402
+
+
+def gates_oracle(z, weight, bias, n):
+    """float64: ``log σ(g) / n`` with ``log σ(g) = −log(1 + e^−g)``, written per sign so nothing overflows."""
+    g = z.double() @ weight.double().T + bias.double()
+    return torch.where(g >= 0, -torch.log1p(torch.exp(-g)), g - torch.log1p(torch.exp(g))) / n
+
+
+@pytest.mark.parametrize("shape, r, nc", [((2, 37), 16, 48), ((130,), 5, 200)])
+def test_gates_kernel_and_reference_match_oracle(shape, r, nc):
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(*shape, r, generator=g)
+    weight, bias = 3 * torch.randn(nc, r, generator=g), torch.randn(nc, generator=g)
+    bias[:4] = torch.tensor([60.0, -60.0, 0.0, 30.0])  # saturated both ways: |log σ| tiny or ≈ −g
+    want = gates_oracle(z, weight, bias, 16.0)
+    for fn in (vig_gates_triton, vig_gates_reference):
+        a = fn(z, weight, bias, 16.0)
+        assert a.shape == (*shape, nc) and a.dtype == torch.float32
+        # relative to each value: the tiny ones (large positive g) must keep their digits too
+        torch.testing.assert_close(a.double(), want, rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.gpu
+def test_gates_gpu_bf16_input():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(16 * 4097, 16, generator=g).to("cuda", torch.bfloat16)
+    weight = (0.3 * torch.randn(768, 16, generator=g)).to("cuda", torch.bfloat16)
+    bias = torch.randn(768, generator=g).to("cuda", torch.bfloat16)
+    want = gates_oracle(z, weight, bias, 16.0)
+    torch.testing.assert_close(vig_gates_triton(z, weight, bias, 16.0).double(), want, rtol=1e-5, atol=1e-30)
