@@ -1,9 +1,10 @@
 """vig's log-decays as one Triton kernel: same signature as :func:`.reference.vig_gates_reference`.
 
-A program computes a ``[BM, BN]`` tile of ``g = z W2ᵀ + b2`` (fp32 outer products over the gate's small rank) and
-writes ``logsigmoid(g)/n = (min(g, 0) − log1p(exp(−|g|)))/n`` once, in fp32 (no exponential of a positive number). The PyTorch composition writes the fp32
-logits, reads them back for the softplus and writes the result (ViT-S at 1024², B = 16: 2 × 200 MB more traffic per
-layer). Used without autograd (inference).
+A program computes a ``[BM, BN]`` tile of ``g = z W2ᵀ + b2`` (a tensor-core product when z and W2 share a 16-bit
+dtype, whose products are exact in the fp32 accumulator; an IEEE fp32 product otherwise) and writes
+``logsigmoid(g)/n = (min(g, 0) − log1p(exp(−|g|)))/n`` once, in fp32 (no exponential of a positive number). The
+PyTorch composition writes the fp32 logits, reads them back for the softplus and writes the result (ViT-S at 1024²,
+B = 16: 2 × 200 MB more traffic per layer). Used without autograd (inference).
 """
 
 from __future__ import annotations
@@ -18,18 +19,19 @@ BM, BN = 64, 128  # rows (tokens) and columns (gate channels) per program
 
 
 @triton.jit
-def _vig_gates(Z, W, Bias, A, M, NC, R, inv_n, z_m, w_c, a_m, BM: tl.constexpr, BN: tl.constexpr):
+def _vig_gates(Z, W, Bias, A, M, NC, R, inv_n, z_m, w_c, a_m,
+               BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, EXACT16: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rr = tl.arange(0, BR)
     rm, cm = rows < M, cols < NC
-    zrow = Z + rows.to(tl.int64) * z_m
-    wrow = W + cols * w_c
-    # the rank is small (16 by default): fp32 outer products, one per rank step, exact like an IEEE GEMM
-    g = tl.zeros([BM, BN], tl.float32) + tl.load(Bias + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
-    for j in range(R):
-        zj = tl.load(zrow + j, mask=rm, other=0.0).to(tl.float32)
-        wj = tl.load(wrow + j, mask=cm, other=0.0).to(tl.float32)
-        g += zj[:, None] * wj[None, :]
+    z = tl.load(Z + rows[:, None].to(tl.int64) * z_m + rr[None, :], mask=rm[:, None] & (rr < R)[None, :], other=0.0)
+    w = tl.load(W + cols[:, None] * w_c + rr[None, :], mask=cm[:, None] & (rr < R)[None, :], other=0.0)
+    if EXACT16:  # two 16-bit operands of one dtype: their products are exact in the fp32 accumulator
+        g = tl.dot(z, tl.trans(w))
+    else:
+        g = tl.dot(z.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    g += tl.load(Bias + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
     # log1p(x) for x = exp(−|g|) ∈ (0, 1], to full relative precision: log(1 + x)·x / ((1 + x) − 1)
     x = tl.exp(-tl.abs(g))
     u = 1.0 + x
@@ -48,6 +50,7 @@ def vig_gates_triton(z, weight, bias, normalizer):
     a = torch.empty((M, NC), device=z.device, dtype=torch.float32)
     _vig_gates[(triton.cdiv(M, BM), triton.cdiv(NC, BN))](
         z2, weight, bias, a, M, NC, r, 1.0 / float(normalizer), z2.stride(0), weight.stride(0), a.stride(0),
-        BM=BM, BN=BN, num_warps=4,
+        BR=max(16, triton.next_power_of_2(r)), BM=BM, BN=BN,
+        EXACT16=z.dtype == weight.dtype and z.dtype in (torch.bfloat16, torch.float16), num_warps=4,
     )
     return a.view(*lead, NC)
