@@ -302,8 +302,8 @@ def _chunk_bwd(
     ``ST [2, 2, B·H, n_chunks, BK, BV]``, the forward states, kind 0, and the gradient states, kind 1) or directly,
     chunk by chunk. Grid ``(B·H, n_chunks)``.
 
-    Gate gradients (``DGF``, ``DGB``: ``[B·H, N, DK]`` fp32, token order): with ``dA_d = q ⊙ dq_d − k ⊙ dk_d`` per direction,
-    ``dgf_t = Σ_{s≥t} dA_0,s`` and ``dgb_t = Σ_{s≤t} dA_1,s``. The kernel sums only inside its chunk and, with
+    Gate gradients (``DGF``, ``DGB``: ``[B·H, N, DK]`` fp32, token order): with ``dA_d = q ⊙ dq_d − k ⊙ dk_d`` per
+    direction, ``dgf_t = Σ_{s≥t} dA_0,s`` and ``dgb_t = Σ_{s≤t} dA_1,s``. The kernel sums only inside its chunk and, with
     ``STATES``, adds the sum over the other chunks as its exact value at the chunk's boundary, a product of the two
     states that meet there (no cancellation): the gate between tokens ``t−1`` and ``t`` is crossed by every pair
     (later query, earlier key), so in scan order the sum beyond the chunk is ``Σ_e S[:, e] ⊙ R[:, e]``, with ``S``

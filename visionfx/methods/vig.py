@@ -144,10 +144,8 @@ def from_scan_order(t: torch.Tensor, num_prefix: int, index: int, dim: int = 2) 
     """Inverse of :func:`to_scan_order`: the prefix tokens go back to the front."""
     if num_prefix == 0 or index == 0:
         return t
-    n = t.shape[dim]
-    pieces = [t.narrow(dim, src, length) for src, _, length in sorted(host_segments(num_prefix, n - num_prefix, index),
-                                                                      key=lambda seg: seg[1])]
-    return torch.cat(pieces, dim)
+    segments = sorted(host_segments(num_prefix, t.shape[dim] - num_prefix, index), key=lambda seg: seg[1])
+    return torch.cat([t.narrow(dim, src, length) for src, _, length in segments], dim)
 
 
 class VigAttention(TokenMixer):
