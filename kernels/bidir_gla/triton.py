@@ -106,7 +106,8 @@ def _chunked_states(k, v, q, do, gates, kinds):
     _chunk_sums[(B * H, 2 * kinds, n_chunks)](
         k, v, q, do, g, u, e, N, n_chunks, B * H, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), g_off, *g.stride(),
-        KINDS=kinds, DK=dk, DV=dv, BK=BK, BV=BV, CH=CH, DT=_dot_dtype(k.dtype), PREC=_prec(k.dtype), num_warps=4,
+        KINDS=kinds, DK=dk, DV=dv, BK=BK, BV=BV, CH=CH, DT=_dot_dtype(k.dtype), PREC=_prec(k.dtype),
+        num_warps=2,  # H200, bf16, d = 64: 0.283 ms at 2 warps, 0.339 at 4, 0.436 at 8 (N = 4097, B = 16)
     )
     states = torch.empty_like(u, dtype=torch.bfloat16 if lowp else torch.float32)
     bks = _scan_rows(B * H * 2 * kinds, BK, k.device)
