@@ -40,8 +40,8 @@ per-channel factor ``exp(a_i − a_j) ≤ 1``.
 The whole chunk is one register tile. An earlier design cut chunks into four 16-token sub-chunks with one small
 product per pair, and walked the states with one program doing each chunk's loads, sums and product in series; on
 the H200 (bf16, N = 4097, B = 16, H = 6, d = 64) the 64-token tile took the output pass from 1.01 to 0.29 ms and the
-backward's from 3.3 to 1.5 ms, and the forward as a whole went from 1.98 to 0.71 ms (at N = 16385, B = 1, where the
-serial walk dominated, from 1.53 to 0.28 ms; docs/benchmarks.md, seventh series).
+backward's from 3.3 to 1.5 ms, and the forward as a whole went from 1.98 to 0.66 ms (at N = 16385, B = 1, where the
+serial walk dominated, from 1.53 to 0.27 ms; docs/benchmarks.md, seventh series).
 
 Dot operands are bf16 for bf16 inputs and fp32 (ieee for fp32, tf32 for fp16) otherwise, always accumulated in fp32;
 gates and cumulative log-decays are fp32 throughout. Launches: three per forward, three per backward.
