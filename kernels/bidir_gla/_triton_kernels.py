@@ -117,6 +117,15 @@ def _diag_grads(q, k, qd, eq, incl, total, g, do, v, r, span_max, REV: tl.conste
 
 
 @triton.jit
+def _chunk_start(c, t, TOWARD_END: tl.constexpr, CH: tl.constexpr):
+    """First token of the ``t``-th chunk (0: the nearest) beside chunk ``c``, towards the sequence's end or start."""
+    if TOWARD_END:
+        return (c + 1 + t) * CH
+    else:
+        return (c - 1 - t) * CH
+
+
+@triton.jit
 def _own_tiles(Q, K, V, kbase, vbase, tok, hi, rk, rv, DK, DV, s_n, t_n, DT: tl.constexpr):
     """A program's own tile of tokens ``tok`` (< ``hi``): ``(q, k)`` in fp32 and ``v`` in ``DT``."""
     q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
@@ -275,10 +284,7 @@ def _chunk_fwd(
             else:
                 n_prev = n_chunks - 1 - c
             for t in range(n_prev):
-                if d == 0:
-                    lo_o = (c - 1 - t) * CH
-                else:
-                    lo_o = (c + 1 + t) * CH
+                lo_o = _chunk_start(c, t, d == 1, CH)
                 kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n,
                                                 t_n, g_n, g_c, CH, d == 1, DT)
                 a = tl.dot(qd, tl.trans(kt), input_precision=PREC)
@@ -349,10 +355,7 @@ def _chunk_bwd(
             acc = tl.zeros([CH, BK], tl.float32)
             mid = tl.zeros([BK], tl.float32)  # gates of the chunks in between (nearest first)
             for t in range(n_prev):
-                if d == 0:
-                    lo_o = (c - 1 - t) * CH
-                else:
-                    lo_o = (c + 1 + t) * CH
+                lo_o = _chunk_start(c, t, d == 1, CH)
                 kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n,
                                                 t_n, g_n, g_c, CH, d == 1, DT)
                 pp = tl.dot(do, tl.trans(v_o), input_precision=PREC)
@@ -370,10 +373,7 @@ def _chunk_bwd(
             acc = tl.zeros([CH, BK], tl.float32)
             mid = tl.zeros([BK], tl.float32)
             for t in range(n_next):
-                if d == 0:
-                    lo_o = (c + 1 + t) * CH
-                else:
-                    lo_o = (c - 1 - t) * CH
+                lo_o = _chunk_start(c, t, d == 0, CH)
                 qt_o, do_o, total_o = _queries_after(Q, DO, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV,
                                                      s_n, t_n, g_n, g_c, CH, d == 1, DT)
                 aa = tl.dot(qt_o, tl.trans(kf), input_precision=PREC)  # [later rows, rows]
