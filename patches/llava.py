@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from visionfx.patches.base import Adapter
-from visionfx.patches.llava_prompt import image_spans, shrink_placeholders
+from visionfx.patches.llava_prompt import image_spans, shrink_placeholders, true_first
 from visionfx.registry import AdapterSpec
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "check_left_padding",
     "image_spans",
     "shrink_placeholders",
+    "true_first",
     "call_kwargs",
     "PromptState",
     "prompt_state",

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["image_spans", "shrink_placeholders"]
+__all__ = ["image_spans", "shrink_placeholders", "true_first"]
+
+
+def true_first(mask: torch.Tensor) -> torch.Tensor:
+    """Indices along the last dimension of a bool ``mask [..., L]``: its True positions first, then the False ones,
+    each in ascending order (a stable partition; slice it to take either part)."""
+    L = mask.shape[-1]
+    pos = torch.arange(L, device=mask.device).expand_as(mask)
+    return torch.sort(torch.where(mask, pos, pos + L), dim=-1).indices  # the keys are distinct: the order is unique
 
 
 def _leading_pad(mask_row: torch.Tensor) -> int:

@@ -441,3 +441,16 @@ def test_bad_inputs(llava, batch, patched):
         llava.model.get_image_features(batch["pixel_values"], vision_feature_layer=-1)
     with torch.no_grad():  # text-only prompts pass through untouched
         assert llava(input_ids=text_only, attention_mask=mask).logits.shape[1] == text_only.shape[1]
+
+
+def test_true_first_partitions_stably():
+    """The True positions of each row in ascending order, then the False ones (what FasterVLM's packing and DyVTE's
+    spans and kept positions slice), against a list-built oracle, for a batch and a single row."""
+    from visionfx.patches.llava import true_first
+
+    mask = torch.rand(3, 17, generator=torch.Generator().manual_seed(0)) > 0.6
+    mask[1] = False
+    mask[2] = True
+    want = [[i for i in range(17) if row[i]] + [i for i in range(17) if not row[i]] for row in mask.tolist()]
+    assert true_first(mask).tolist() == want
+    assert true_first(mask[0]).tolist() == want[0]

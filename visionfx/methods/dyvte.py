@@ -49,7 +49,7 @@ from visionfx.methods.dyvte_masks import apply_block, block_mask, gather_mask, g
 from visionfx.methods.dyvte_router import (Router, TextSpan, exit_decision, router_features, span_features, span_mask,
                                            text_span)
 from visionfx.patches.llava import (LlavaHandle, LlavaParts, PromptState, check_left_padding, is_prefill,
-                                    layer_hidden, prompt_state, with_layer_hidden)
+                                    layer_hidden, prompt_state, true_first, with_layer_hidden)
 from visionfx.registry import MethodSpec
 
 __all__ = ["DyVTEConfig", "Router", "DyVTEHandle", "router_features", "text_span", "span_features", "exit_decision",
@@ -447,11 +447,8 @@ class DyVTEHandle(LlavaHandle):
 def _keep_indices(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Non-image positions of each row of ``image [B, L]``, right-aligned in ``[B, M]`` (M = the longest); the slots
     before a shorter row's positions point at its image positions and are marked invalid."""
-    B, L = image.shape
-    pos = torch.arange(L, device=image.device).expand(B, L)
-    order = torch.sort(torch.where(image, pos, pos + L), dim=1, stable=True).indices
     M = int((~image).sum(1).max())
-    keep = order[:, L - M:]
+    keep = true_first(image)[:, image.shape[1] - M:]
     valid = (~image).gather(1, keep)
     return keep, (None if bool(valid.all()) else valid)
 

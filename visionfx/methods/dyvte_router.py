@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from visionfx.patches.llava_prompt import true_first
+
 __all__ = ["Router", "router_features", "TextSpan", "span_mask", "text_span", "span_features", "exit_decision"]
 
 
@@ -61,10 +63,8 @@ class TextSpan:
     @classmethod
     def from_mask(cls, span: torch.Tensor, count: torch.Tensor, end: torch.Tensor, width: int) -> "TextSpan":
         """From :func:`span_mask`'s ``(span, count)``; ``width`` ≥ the largest count (known on the host)."""
-        B, L = span.shape
-        pos = torch.arange(L, device=span.device).expand(B, L)
-        order = torch.sort(torch.where(span, pos, pos + L), dim=1, stable=True).indices[:, :width]
-        return cls(index=torch.cat([order, end.view(B, 1)], dim=1), weights=span.gather(1, order)[..., None].float(),
+        order = true_first(span)[:, :width]
+        return cls(index=torch.cat([order, end.view(-1, 1)], dim=1), weights=span.gather(1, order)[..., None].float(),
                    count=count.clamp(min=1)[:, None].float(), defined=count > 0)
 
 

@@ -41,7 +41,8 @@ from typing import Any, Iterator
 import torch
 
 from visionfx.config import MethodConfig
-from visionfx.patches.llava import LlavaHandle, LlavaParts, call_kwargs, check_left_padding, shrink_placeholders
+from visionfx.patches.llava import (LlavaHandle, LlavaParts, call_kwargs, check_left_padding, shrink_placeholders,
+                                    true_first)
 from visionfx.registry import MethodSpec
 
 __all__ = ["FasterVLMConfig", "VTCCLSConfig", "FasterVLMHandle", "cls_row_scores", "select_tokens"]
@@ -313,8 +314,7 @@ class FasterVLMHandle(LlavaHandle):
         # the call's one device sync: how many positions each image keeps (unpadding drops some patches, so the
         # counts depend on which were chosen); the selection itself is then a gather of known size
         kept = torch.stack([sel.sum() for sel in positions]).tolist()
-        new = [f.index_select(0, torch.argsort((~sel).to(torch.uint8), stable=True)[:k])  # kept ones first, in order
-               for f, sel, k in zip(feats, positions, kept)]
+        new = [f.index_select(0, true_first(sel)[:k]) for f, sel, k in zip(feats, positions, kept)]
         return new, [int(f.shape[0]) for f in feats], kept, positions
 
     def _encode(self, kw: dict[str, Any]):
