@@ -79,21 +79,36 @@ def make(B, H, N, dk, dv, regime="moderate", seed=0):
     return [q, k, v, gates(regime, B, H, N, dk, g), gates(regime, B, H, N, dk, g).flip(2).contiguous()]
 
 
-def check(q, k, v, gf, gb, scale=0.3, **kw):
-    """Forward and all five gradients of the kernel against the float64 oracle."""
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, gf, gb)]
-    out = bidir_gla_triton(*leaves, scale=scale, **kw)
-    ref = naive(*leaves, scale)
+def vig_layout(q, k, v):
+    """q, k, v as the vig mixer makes them: slices of one ``[B, N, 3, H, d]`` projection (a leaf), permuted."""
+    qkv = torch.stack((q, k, v)).permute(1, 3, 0, 2, 4).detach().contiguous().requires_grad_()
+    return list(qkv.permute(2, 0, 3, 1, 4).unbind())
+
+
+def check(q, k, v, gf, gb, scale=0.3, strided=False, **kw):
+    """Forward and all five gradients of the kernel against the float64 oracle and the reference (float64); with
+    ``strided``, q, k, v in :func:`vig_layout` and dO a transposed view of ``[B, N, H, dv]`` memory."""
+    inputs = [t.clone().requires_grad_() for t in (q, k, v, gf, gb)]
+    if strided:
+        inputs[:3] = vig_layout(*inputs[:3])
+    out = bidir_gla_triton(*inputs, scale=scale, **kw)
+    ref = naive(*inputs, scale)
+    ref64 = [t.detach().double().requires_grad_() for t in inputs]
+    spec = bidir_gla_reference(*ref64, scale=scale)
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     assert rel(out, ref) < 1e-5
-    assert rel(out, bidir_gla_reference(*(t.detach().double() for t in leaves), scale=scale)) < 1e-5
+    assert rel(out, spec) < 1e-5
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    got = torch.autograd.grad(out, leaves, do)
-    want = torch.autograd.grad(ref, leaves, do.double())
-    for name, a, b in zip(("dq", "dk", "dv", "dgf", "dgb"), got, want):
+    if strided:
+        do = do.transpose(1, 2).contiguous().transpose(1, 2)
+    got = torch.autograd.grad(out, inputs, do)
+    want = torch.autograd.grad(ref, inputs, do.double())
+    want_spec = torch.autograd.grad(spec, ref64, do.double())
+    for name, a, b, c in zip(("dq", "dk", "dv", "dgf", "dgb"), got, want, want_spec):
         assert torch.isfinite(a).all(), name
         assert close(a, b), (name, rel(a, b))
+        assert close(a, c), (name, rel(a, c))
 
 
 def test_naive_oracle_matches_chunked_reference():
@@ -206,6 +221,43 @@ def test_gate_views_and_strided_inputs():
     assert out.transpose(1, 2).is_contiguous()  # token layout: heads merge without a copy
 
 
+@pytest.mark.parametrize("impl", ["direct", "chunked"])
+@pytest.mark.parametrize("N", [65, 100])
+def test_gradients_of_strided_inputs(N, impl):
+    """q, k, v sliced from one projection and dO a transposed view (the vig mixer's layouts): the gradients agree with
+    the float64 oracle and the reference."""
+    check(*make(2, 2, N, 16, 16, "vig-init", seed=8), strided=True, impl=impl)
+
+
+class Launches:
+    """A Triton kernel whose launches record their arguments."""
+
+    def __init__(self, kernel):
+        self.kernel, self.args = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.args.append(args)
+            return self.kernel[grid](*args, **meta)
+
+        return launch
+
+
+@pytest.mark.parametrize("impl", ["direct", "chunked"])
+def test_backward_reads_strided_inputs_in_place(impl, monkeypatch):
+    """The backward kernel reads q, k, v and dO in the vig mixer's layouts where they are, without copies."""
+    q, k, v, gf, gb = make(1, 2, 65, 16, 16, "vig-init", seed=9)
+    q, k, v = vig_layout(q, k, v)
+    do = torch.randn(1, 65, 2, 16).transpose(1, 2)
+    launches = Launches(kt._chunk_bwd)
+    monkeypatch.setattr(kt, "_chunk_bwd", launches)
+    out = bidir_gla_triton(q, k, v, gf, gb, scale=0.3, impl=impl)
+    torch.autograd.grad(out, (q, k, v), do)
+    (args,) = launches.args
+    for got, want in zip(args[:4], (q, k, v, do)):
+        assert got.data_ptr() == want.data_ptr() and got.stride() == want.stride()
+
+
 def test_output_accepts_in_place_updates_under_autograd():
     """The op's output view may be updated in place with gradients on; the input gradients stay the op's."""
     q, k, v, gf, gb = make(1, 2, 19, 16, 16, "moderate", seed=5)
@@ -252,6 +304,15 @@ def test_low_precision_gpu_all_impls(N, dtype, impl):
     if impl == "direct" and N > 1025:
         pytest.skip("direct is quadratic in the number of chunks: for short sequences")
     check_low_precision_gpu(*_cuda(make(max(1, 12608 // N), 6, N, 64, 64, "vig-init"), dtype), impl=impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["direct", "chunked"])
+@pytest.mark.parametrize("N", [65, 197])
+def test_strided_inputs_gpu(N, impl):
+    """The vig mixer's layouts in bf16 on the GPU: q, k, v sliced from one projection, dO in token layout."""
+    q, k, v, gf, gb = _cuda(make(max(1, 12608 // N), 6, N, 64, 64, "vig-init"), torch.bfloat16)
+    check_low_precision_gpu(*vig_layout(q, k, v), gf, gb, impl=impl)
 
 
 @pytest.mark.gpu

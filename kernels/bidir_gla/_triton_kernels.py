@@ -149,7 +149,7 @@ def _keys_before(K, V, gbase, kbase, vbase, lo, N, r, rk, rv, mid, DK, DV, s_n, 
 
 
 @triton.jit
-def _queries_after(Q, DO, gbase, kbase, vbase, lo, N, r, rk, rv, mid, DK, DV, s_n, t_n, g_n, g_c,
+def _queries_after(Q, DO, gbase, kbase, dbase, lo, N, r, rk, rv, mid, DK, DV, s_n, do_n, g_n, g_c,
                    L: tl.constexpr, REV: tl.constexpr, DT: tl.constexpr):
     """The tile of ``L`` tokens at ``lo`` that comes after the current one in scan order, as the current tile's keys
     see it: ``(q ⊙ exp(incl + mid), dO, total)`` in ``DT``, its queries decayed from the point just after the current
@@ -157,7 +157,7 @@ def _queries_after(Q, DO, gbase, kbase, vbase, lo, N, r, rk, rv, mid, DK, DV, s_
     hi = tl.minimum(lo + L, N)
     tok = lo + r
     q = _tile(Q + kbase, tok, hi, rk, DK, s_n).to(tl.float32)
-    do = _tile(DO + vbase, tok, hi, rv, DV, t_n).to(DT)
+    do = _tile(DO + dbase, tok, hi, rv, DV, do_n).to(DT)
     _, incl, _, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, REV)
     return (q * tl.exp(incl + mid[None, :])).to(DT), do, total
 
@@ -167,6 +167,7 @@ def _chunk_sums(
     K, V, Q, DO, G, U, E,
     N, n_chunks, n_bh, n_heads,
     s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
+    do_b, do_h, do_n,  # strides of DO (its last dim contiguous, like every input's)
     KINDS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     CH: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -176,7 +177,8 @@ def _chunk_sums(
     Kind 0 (forward state, walked in scan order): ``U = (k ⊙ exp(after))ᵀ v``, the chunk's keys decayed to its end.
     Kind 1 (gradient state of the backward pass, walked against scan order): ``U = (q ⊙ exp(incl))ᵀ dO``, the
     chunk's queries decayed to its start. ``E = exp(Σ_chunk g)``, the chunk's decay per key channel. ``U`` is fp32
-    ``[KINDS, 2, B·H, n_chunks, BK, BV]``, ``E`` fp32 ``[KINDS, 2, B·H, n_chunks, BK]``."""
+    ``[KINDS, 2, B·H, n_chunks, BK, BV]``, ``E`` fp32 ``[KINDS, 2, B·H, n_chunks, BK]``. K and Q share the strides
+    ``s_*``; V has ``t_*`` and DO ``do_*``."""
     pid_bh, pid_dk, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d = pid_dk // KINDS
     kind = pid_dk % KINDS
@@ -191,6 +193,7 @@ def _chunk_sums(
     gbase = G + d * g_dir + b * g_b + h * g_h
     kbase = b * s_b + h * s_h
     vbase = b * t_b + h * t_h
+    dbase = b * do_b + h * do_h
     km = (rk < DK)[None, :]
     lo = c * CH
     hi = tl.minimum(lo + CH, N)
@@ -205,10 +208,11 @@ def _chunk_sums(
     ym = (tok < hi)[:, None] & (rv < DV)[None, :]
     xo = tok[:, None] * s_n + rk[None, :]
     yo = tok[:, None] * t_n + rv[None, :]
+    zo = tok[:, None] * do_n + rv[None, :]
     x = (tl.load(K + kbase + xo, mask=xm & is0, other=0.0).to(tl.float32)
          + tl.load(Q + kbase + xo, mask=xm & is1, other=0.0).to(tl.float32))
     y = (tl.load(V + vbase + yo, mask=ym & is0, other=0.0).to(tl.float32)
-         + tl.load(DO + vbase + yo, mask=ym & is1, other=0.0).to(tl.float32))
+         + tl.load(DO + dbase + zo, mask=ym & is1, other=0.0).to(tl.float32))
     u = tl.dot(tl.trans(x * tl.exp(w)).to(DT), y.to(DT), input_precision=PREC)
     row = ((kind * 2 + d) * n_bh + pid_bh).to(tl.int64) * n_chunks + c
     tl.store(U + row * (BK * BV) + rk[:, None] * BV + rv[None, :], u)
@@ -299,6 +303,8 @@ def _chunk_bwd(
     Q, K, V, DO, G, ST, DQ, DK_, DV_, DGF, DGB,
     N, n_chunks, n_bh, n_heads, scale, span_max,
     s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
+    do_b, do_h, do_n,  # strides of DO
+    dq_b, dq_h, dq_n, dv_b, dv_h, dv_n,  # strides of the outputs DQ and DK (allocated alike), and DV
     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
     STATES: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -306,7 +312,8 @@ def _chunk_bwd(
     queries meet the keys of its own and the earlier chunks in scan order (dq), its keys and values the queries of its
     own and the later chunks (dk, dv): through the stored states entering the chunk (``STATES``;
     ``ST [2, 2, B·H, n_chunks, BK, BV]``, the forward states, kind 0, and the gradient states, kind 1) or directly,
-    chunk by chunk. Grid ``(B·H, n_chunks)``.
+    chunk by chunk. Grid ``(B·H, n_chunks)``. Q and K share the strides ``s_*``, V has ``t_*`` and DO ``do_*``; the
+    last dim of every tensor is contiguous.
 
     Gate gradients (``DGF``, ``DGB``: ``[B·H, N, DK]`` fp32, token order): with ``dA_d = q ⊙ dq_d − k ⊙ dk_d`` per
     direction, ``dgf_t = Σ_{s≥t} dA_0,s`` and ``dgb_t = Σ_{s≤t} dA_1,s``. The kernel sums only inside its chunk and, with
@@ -327,8 +334,9 @@ def _chunk_bwd(
     hi = tl.minimum(lo + CH, N)
     tok = lo + r
     tm = tok < hi
+    dbase = b * do_b + h * do_h
     q, k, v = _own_tiles(Q, K, V, kbase, vbase, tok, hi, rk, rv, DK, DV, s_n, t_n, DT)
-    do = _tile(DO + vbase, tok, hi, rv, DV, t_n).to(DT)
+    do = _tile(DO + dbase, tok, hi, rv, DV, do_n).to(DT)
     dq = tl.zeros([CH, BK], tl.float32)
     dk = tl.zeros([CH, BK], tl.float32)
     dv = tl.zeros([CH, BV], tl.float32)
@@ -374,8 +382,8 @@ def _chunk_bwd(
             mid = tl.zeros([BK], tl.float32)
             for t in range(n_next):
                 lo_o = _chunk_start(c, t, d == 0, CH)
-                qt_o, do_o, total_o = _queries_after(Q, DO, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV,
-                                                     s_n, t_n, g_n, g_c, CH, d == 1, DT)
+                qt_o, do_o, total_o = _queries_after(Q, DO, gbase, kbase, dbase, lo_o, N, r, rk, rv, mid, DK, DV,
+                                                     s_n, do_n, g_n, g_c, CH, d == 1, DT)
                 aa = tl.dot(qt_o, tl.trans(kf), input_precision=PREC)  # [later rows, rows]
                 pp = tl.dot(do_o, tl.trans(v), input_precision=PREC)
                 dv += tl.dot(tl.trans(aa.to(DT)), do_o, input_precision=PREC)
@@ -402,8 +410,8 @@ def _chunk_bwd(
         dq += dq_d
         dk += dk_d
     kmask = tm[:, None] & (rk < DK)[None, :]
-    kout = kbase + tok[:, None] * s_n + rk[None, :]
+    kout = b * dq_b + h * dq_h + tok[:, None] * dq_n + rk[None, :]
     tl.store(DQ + kout, (dq * scale).to(DQ.dtype.element_ty), mask=kmask)
     tl.store(DK_ + kout, (dk * scale).to(DK_.dtype.element_ty), mask=kmask)
-    tl.store(DV_ + vbase + tok[:, None] * t_n + rv[None, :], (dv * scale).to(DV_.dtype.element_ty),
+    tl.store(DV_ + b * dv_b + h * dv_h + tok[:, None] * dv_n + rv[None, :], (dv * scale).to(DV_.dtype.element_ty),
              mask=tm[:, None] & (rv < DV)[None, :])

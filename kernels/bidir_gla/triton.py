@@ -78,7 +78,7 @@ import torch
 import triton
 
 from visionfx.kernels._triton_host import device_sm_count, token_layout_output
-from visionfx.kernels.bidir_gla._host import _dot_dtype, _gates, _p2, _prec, _same_layout
+from visionfx.kernels.bidir_gla._host import _dot_dtype, _gates, _p2, _prec
 from visionfx.kernels.bidir_gla._scan import _bwd_scan, _fwd_scan
 from visionfx.kernels.bidir_gla._triton_kernels import _chunk_bwd, _chunk_fwd, _chunk_sums, _state_scan
 
@@ -106,6 +106,7 @@ def _chunked_states(k, v, q, do, gates, kinds):
     _chunk_sums[(B * H, 2 * kinds, n_chunks)](
         k, v, q, do, g, u, e, N, n_chunks, B * H, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), g_off, *g.stride(),
+        do.stride(0), do.stride(1), do.stride(2),
         KINDS=kinds, DK=dk, DV=dv, BK=BK, BV=BV, CH=CH, DT=_dot_dtype(k.dtype), PREC=_prec(k.dtype),
         num_warps=2,  # H200, bf16, d = 64: 0.283 ms at 2 warps, 0.339 at 4, 0.436 at 8 (N = 4097, B = 16)
     )
@@ -145,11 +146,18 @@ def _launch(q, v, gates, scale, ch, backward, states):
     return (B * H, n_chunks), (N, n_chunks, B * H, H, 0.5 * scale, float(DIAG_SPAN_MAX), *strides), meta
 
 
+def _kernel_layout(q, k, *others):
+    """The inputs as the kernels read them: q and k with one set of strides, every last dim contiguous. Inputs already
+    so (q, k, v sliced from one projection, dO a transposed view) are read in place; the others are copied."""
+    if q.stride() != k.stride() or q.stride(-1) != 1:
+        q, k = q.contiguous(), k.contiguous()
+    return [q, k, *(t if t.stride(-1) == 1 else t.contiguous() for t in others)]
+
+
 def _fwd_pass(q, k, v, gf, gb, scale, states):
-    """The output in token layout, ``[B, N, H, dv]``, with or without stored states. q and k share strides in the
-    kernels; q, k, v sliced from one projection already do, so they are read in place."""
-    if q.stride() != k.stride() or q.stride(-1) != 1 or v.stride(-1) != 1:
-        q, k, v = _same_layout(q, k, v)
+    """The output in token layout, ``[B, N, H, dv]``, with or without stored states (inputs as
+    :func:`_kernel_layout`)."""
+    q, k, v = _kernel_layout(q, k, v)
     gates = _gates(gf, gb)
     st = _chunked_states(k, v, k, v, gates, 1) if states else q  # q: a placeholder the kernel never reads
     out = token_layout_output(q, v.shape[-1])
@@ -167,35 +175,38 @@ def _fwd_direct(q, k, v, gf, gb, scale):
 
 
 def _bwd_pass(do, q, k, v, gf, gb, scale, states):
-    """``(dq, dk, dv, dgf, dgb)``, with or without stored states; ``do`` is the gradient of the token-layout output
-    ``[B, N, H, dv]``."""
-    q, k, v, do = _same_layout(q, k, v, do.to(q.dtype).transpose(1, 2))
+    """``(dq, dk, dv, dgf, dgb)``, contiguous, with or without stored states; ``do`` is the gradient of the
+    token-layout output ``[B, N, H, dv]`` (inputs as :func:`_kernel_layout`)."""
+    q, k, v, do = _kernel_layout(q, k, v, do.to(q.dtype).transpose(1, 2))
     gates = _gates(gf, gb)
     st = _chunked_states(k, v, q, do, gates, 2) if states else q  # q: a placeholder the kernel never reads
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # dq and dk: one set of strides
     dgf, dgb = (torch.empty(q.shape, device=q.device, dtype=torch.float32) for _ in range(2))
     ch = CH if states else DIRECT_BWD_CH
     grid, args, meta = _launch(q, v, gates, scale, ch, True, states)
-    _chunk_bwd[grid](q, k, v, do, gates[0], st, dq, dk, dv, dgf, dgb, *args, **meta)
+    _chunk_bwd[grid](q, k, v, do, gates[0], st, dq, dk, dv, dgf, dgb, *args, *do.stride()[:3], *dq.stride()[:3],
+                     *dv.stride()[:3], **meta)
     if not states:
         _add_carries(dgf, dgb, ch)
     return dq, dk, dv, dgf, dgb
 
 
 def _add_carries(dgf, dgb, ch):
-    """Complete the chunk-local gate sums of the direct backward in place (``[B, H, N, dk]``: ``dgf`` suffix sums,
-    ``dgb`` prefix sums, each inside its chunk) with the sums of the other chunks of the (short) sequence: the later
-    chunks' totals forwards, the earlier ones' backwards."""
+    """Complete the chunk-local gate sums of the direct backward in place (``[B, H, N, dk]``, contiguous: ``dgf``
+    suffix sums, ``dgb`` prefix sums, each inside its chunk) with the sums of the other chunks of the (short)
+    sequence: the later chunks' totals forwards, the earlier ones' backwards, added to each chunk's rows through a
+    broadcast view (a partial last chunk, which has no later chunks, on its own backwards)."""
     N = dgf.shape[2]
-    n_chunks = triton.cdiv(N, ch)
-    last = torch.arange(1, n_chunks + 1, device=dgf.device).mul(ch).clamp(max=N).sub(1)
-    tot_f = dgf[:, :, ::ch]  # a chunk's total: its suffix sum at its first token
-    tot_b = dgb[:, :, last]  # and its prefix sum at its last token
-    zero = torch.zeros_like(tot_f[:, :, :1])
-    later = torch.cat((tot_f[:, :, 1:].flip(2).cumsum(2).flip(2), zero), 2)
-    earlier = torch.cat((zero, tot_b[:, :, :-1].cumsum(2)), 2)
-    dgf += later.repeat_interleave(ch, 2)[:, :, :N]
-    dgb += earlier.repeat_interleave(ch, 2)[:, :, :N]
+    n = triton.cdiv(N, ch) - 1  # chunks that have a later one (all whole) and chunks that have an earlier one
+    if n == 0:
+        return
+    later = dgf[:, :, ch::ch].flip(2).cumsum(2).flip(2)  # a chunk's total: its suffix sum at its first token
+    earlier = dgb[:, :, ch - 1:n * ch:ch].cumsum(2)  # and its prefix sum at its last token
+    dgf[:, :, :n * ch].unflatten(2, (n, ch)).add_(later[..., None, :])
+    whole = N // ch - 1  # whole chunks after the first
+    dgb[:, :, ch:(whole + 1) * ch].unflatten(2, (whole, ch)).add_(earlier[:, :, :whole, None, :])
+    if whole < n:
+        dgb[:, :, (whole + 1) * ch:].add_(earlier[:, :, -1:])
 
 
 def _bwd_chunked(do, q, k, v, gf, gb, scale):
