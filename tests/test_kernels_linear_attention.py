@@ -287,11 +287,16 @@ def test_kernel_table_shows_graph_columns_when_measured():
     from visionfx.bench_kernels import _ratios, format_kernel_rows
 
     row = dict(N=197, B=64, config="slab", floor_fwd_ms=0.01, floor_fwd_bwd_ms=0.03, notes=[], sdpa_fwd_ms=0.03,
-               reference_fwd_ms=0.2, triton_fwd_ms=0.06, sdpa_fwd_graph_ms=0.025, triton_fwd_graph_ms=0.02)
+               reference_fwd_ms=0.2, triton_fwd_ms=0.06, sdpa_fwd_graph_ms=0.025, triton_fwd_graph_ms=0.02,
+               sdpa_fwd_bwd_graph_ms=0.7, triton_fwd_bwd_graph_ms=0.1)
     _ratios(row)
     assert row["x_floor_fwd_graph"] == pytest.approx(2.0) and row["vs_sdpa_fwd_graph"] == pytest.approx(1.25)
+    assert row["x_floor_fwd_bwd_graph"] == pytest.approx(10 / 3) and row["vs_sdpa_fwd_bwd_graph"] == pytest.approx(7)
     table = format_kernel_rows([row])
     assert "graph: sdpa fwd" in table and "1.25x" in table
+    assert "graph: sdpa f+b" in table and "7.00x" in table and "3.33x" in table
+    row.pop("triton_fwd_bwd_graph_ms")
+    assert "graph: sdpa fwd" in format_kernel_rows([row]) and "graph: sdpa f+b" not in format_kernel_rows([row])
     row.pop("triton_fwd_graph_ms")
     assert "graph:" not in format_kernel_rows([row])
 

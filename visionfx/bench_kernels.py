@@ -14,9 +14,11 @@ Decisions the specs leave open:
   fixed-batch anchor table.
 - CUDA timings are ``triton.testing.do_bench`` medians (L2 flushed between calls) of ``warmup_ms``/``rep_ms``; the
   first Triton call of each shape autotunes and is excluded by the warm-up. They include the host's launch cost
-  (Python, argument binding): at small shapes that, not the GPU, sets the time. On CUDA the forwards of SDPA and the
-  kernel are also replayed from a CUDA graph (``do_bench_cudagraph``, columns ``graph:``), the GPU time alone. On CPU the benchmark is a smoke test:
-  tiny default sizes, wall-clock medians of a few calls, and the Triton column only under ``TRITON_INTERPRET=1``.
+  (Python, argument binding, autograd): at small shapes that, not the GPU, sets the time. On CUDA SDPA and the
+  kernel are also replayed from a CUDA graph (``do_bench_cudagraph``, columns ``graph:``), forward and
+  forward+backward (the whole ``autograd.grad`` step captured): the GPU time alone, what a model run under CUDA graphs
+  pays. On CPU the benchmark is a smoke test: tiny default sizes, wall-clock medians of a few calls, and the Triton
+  column only under ``TRITON_INTERPRET=1``.
 - rala's key weights are ``N·softmax`` of random logits and its rotary tables fp32 ``[N, d/2]``, both built outside
   the timed region; inline uses ``scale = d^-0.5``.
 - ``x_floor`` is time / floor (1.0 is the roofline; PERFORMANCE.md's target is ≤ 1.5 for N ≥ 1025);
@@ -233,8 +235,8 @@ def kernel_bench(
                     try:
                         with torch.set_grad_enabled(mode == "fwd_bwd"):
                             row[key] = bench(step)
-                            if graphed is not None and mode == "fwd" and name != "reference":
-                                row[f"{name}_fwd_graph_ms"] = graphed(step)
+                            if graphed is not None and name != "reference":
+                                row[f"{name}_{mode}_graph_ms"] = graphed(step)
                     except (RuntimeError, ValueError) as e:  # out of memory, unsupported backend
                         row["notes"].append(f"{name} {mode}: {str(e).splitlines()[0][:200]}")
                     del args, opts, step
@@ -257,7 +259,7 @@ def kernel_bench(
 
 def _ratios(row: dict) -> None:
     for mode, floor in (("fwd", row["floor_fwd_ms"]), ("fwd_bwd", row["floor_fwd_bwd_ms"]),
-                        ("fwd_graph", row["floor_fwd_ms"])):
+                        ("fwd_graph", row["floor_fwd_ms"]), ("fwd_bwd_graph", row["floor_fwd_bwd_ms"])):
         t, s = row.get(f"triton_{mode}_ms"), row.get(f"sdpa_{mode}_ms")
         row[f"x_floor_{mode}"] = t / floor if t else None
         row[f"vs_sdpa_{mode}"] = s / t if (t and s) else None
@@ -274,15 +276,22 @@ def _x(r) -> str:
 def format_kernel_rows(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of :func:`kernel_bench` rows (milliseconds; ratios as ``x``)."""
     graph = any(r.get("triton_fwd_graph_ms") is not None for r in rows)
+    graph_fb = any(r.get("triton_fwd_bwd_graph_ms") is not None for r in rows)
     head = ["N", "B", "config", "sdpa fwd", "ref fwd", "triton fwd", "floor", "x floor", "vs sdpa",
             "sdpa f+b", "ref f+b", "triton f+b", "x floor", "vs sdpa"]
     head += ["graph: sdpa fwd", "triton fwd", "x floor", "vs sdpa"] if graph else []
+    head += ["graph: sdpa f+b", "triton f+b", "x floor", "vs sdpa"] if graph_fb else []
+
+    def graph_cells(r, mode):
+        return [_ms(r.get(f"sdpa_{mode}_graph_ms")), _ms(r.get(f"triton_{mode}_graph_ms")),
+                _x(r.get(f"x_floor_{mode}_graph")), _x(r.get(f"vs_sdpa_{mode}_graph"))]
+
     body = [[str(r["N"]), str(r["B"]), r["config"], _ms(r["sdpa_fwd_ms"]), _ms(r["reference_fwd_ms"]),
              _ms(r["triton_fwd_ms"]), _ms(r["floor_fwd_ms"]), _x(r["x_floor_fwd"]), _x(r["vs_sdpa_fwd"]),
              _ms(r.get("sdpa_fwd_bwd_ms")), _ms(r.get("reference_fwd_bwd_ms")), _ms(r.get("triton_fwd_bwd_ms")),
              _x(r.get("x_floor_fwd_bwd")), _x(r.get("vs_sdpa_fwd_bwd"))]
-            + ([_ms(r.get("sdpa_fwd_graph_ms")), _ms(r.get("triton_fwd_graph_ms")), _x(r.get("x_floor_fwd_graph")),
-                _x(r.get("vs_sdpa_fwd_graph"))] if graph else []) for r in rows]
+            + (graph_cells(r, "fwd") if graph else []) + (graph_cells(r, "fwd_bwd") if graph_fb else [])
+            for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
