@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import visionfx
 from visionfx.recovery import DistillConfig, distill, load_distill_config, load_distilled, tensor_data
-from visionfx.recovery.attention_transfer import host_mode, transfer_parameters
+from visionfx.recovery.attention_transfer import attention_sites, calibrate_outputs, host_mode, transfer_parameters
 from visionfx.recovery.lora import LoRALinear, add_lora, merge_lora
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -106,6 +106,53 @@ def test_stage1_reduces_layer_mse_and_trains_only_added_parameters(method):
     assert changed and all(".vfx_" in k for k in changed), changed
     hist = res.log["stages"]["stage1"]["history"]
     assert len(hist) == 12 and len(hist[0]["layer_mse"]) == 2 and hist[-1]["loss"] < hist[0]["loss"]
+
+
+def _host_head_rms(teacher, x):
+    """Per site, the unpatched attention's output before its projection: RMS per head, averaged over heads."""
+    store = {}
+    hooks = [m.proj.register_forward_pre_hook(lambda mod, a, name=name: store.__setitem__(name, a[0]))
+             for name, m in teacher.named_modules() if type(m).__name__ == "Attention"]
+    with torch.no_grad():
+        teacher(x)
+    for h in hooks:
+        h.remove()
+    heads = teacher.blocks[0].attn.num_heads
+    return {name: o.view(*o.shape[:2], heads, -1).pow(2).mean((0, 1, 3)).sqrt().mean().item()
+            for name, o in store.items()}
+
+
+def test_output_calibration_sets_vig_norms_to_the_host_output_rms():
+    """vig's two RMSNorm weights take the host attention output's per-head RMS (METHODS.md §7.3), measured here on
+    the unpatched model; a method with nothing to calibrate is left untouched."""
+    model, data = tiny_vit(), tiny_data()
+    teacher = copy.deepcopy(model)
+    x = _images(data)
+    want = _host_head_rms(teacher, x)
+    visionfx.patch(model, "vig")
+    assert calibrate_outputs(model, x) == sorted(want)
+    for name, rms in want.items():
+        mixer = model.get_submodule(name).mixer
+        for w in (mixer.norm_o, mixer.norm_l):
+            torch.testing.assert_close(w, torch.full_like(w, rms), rtol=1e-5, atol=1e-6)
+    assert min(want.values()) < 0.9  # a real change from the init of 1
+    slab = tiny_vit()
+    visionfx.patch(slab, "slab")
+    before = copy.deepcopy(slab.state_dict())
+    assert calibrate_outputs(slab, x) == []
+    assert all(torch.equal(v, before[k]) for k, v in slab.state_dict().items())
+
+
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_distill_calibrates_outputs_before_stage1(calibrate):
+    model, data = tiny_vit(), tiny_data()
+    res = distill(model, "vig", data, stage1_steps=0, stage2_steps=0, eval_at_start=False,
+                  output_calibration=calibrate, **SMALL)
+    norms = [m.mixer.norm_o for _, m in attention_sites(model)]
+    if calibrate:
+        assert len(res.log["calibrated_sites"]) == 2 and all(not torch.all(w == 1) for w in norms)
+    else:
+        assert "calibrated_sites" not in res.log and all(torch.all(w == 1) for w in norms)
 
 
 def test_stage1_with_lora_changes_only_added_and_host_projections():

@@ -127,6 +127,11 @@ class TokenMixer(nn.Module):
         """Transform the merged output ``o [B, N, C]`` after the host norm, before the host gate and proj."""
         return o
 
+    def calibrate_output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Set the scale of the mixer's output from the host's softmax attention on one batch (``q, k, v`` as
+        :meth:`forward` receives them), before recovery; ``False``: the method has nothing to calibrate (default)."""
+        return False
+
     #: the kernels/ op carrying this mixer's global term, for dispatch and ``explain``
     op: str = ""
 

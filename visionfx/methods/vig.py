@@ -180,6 +180,17 @@ class VigAttention(TokenMixer):
         self.reset_parameters()
 
     @torch.no_grad()
+    def calibrate_output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """METHODS.md §7.3: both RMSNorm weights := the host softmax output's per-head RMS, averaged over heads (the
+        weights are shared by heads). At 1 they make the output several times the host's (RMS about 1 per head
+        against 0.1–0.7 in a small trained ViT), more than a short attention transfer can undo."""
+        o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=self.scale)
+        rms = o.pow(2).mean((0, 2, 3)).sqrt().mean()
+        self.norm_o.fill_(rms)
+        self.norm_l.fill_(rms)
+        return True
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         cfg = self.config
         nn.init.ones_(self.norm_o)

@@ -33,7 +33,8 @@ from torch import nn
 from visionfx.patches.base import PatchedAttention
 from visionfx.recovery.lora import lora_parameters, set_lora_enabled
 
-__all__ = ["attention_sites", "host_mode", "capture", "AttentionTransferLoss", "transfer_parameters", "layer_mse"]
+__all__ = ["attention_sites", "host_mode", "capture", "AttentionTransferLoss", "transfer_parameters", "layer_mse",
+           "calibrate_outputs"]
 
 
 def attention_sites(model: nn.Module) -> list[tuple[str, PatchedAttention]]:
@@ -130,6 +131,33 @@ def layer_mse(site: PatchedAttention, record: dict) -> torch.Tensor:
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in record["args"])
     out = _first_tensor(site(*args, **record["kwargs"]))
     return F.mse_loss(out.float(), record["target"].float())
+
+
+@torch.no_grad()
+def calibrate_outputs(model: nn.Module, x: Any) -> list[str]:
+    """Let every patched site's mixer calibrate its output scale (:meth:`TokenMixer.calibrate_output`) on the inputs
+    the original model gives that site for the batch ``x``; returns the sites whose mixer did (those of methods with
+    nothing to calibrate are left as they are). Run before stage 1."""
+    from visionfx.methods.base import TokenMixer
+
+    records = capture(model, x)
+    done = []
+    for name, site in attention_sites(model):
+        if type(site.mixer).calibrate_output is TokenMixer.calibrate_output:
+            continue
+        seen: dict[str, tuple] = {}
+
+        def record(module, args):  # returns None: the call's arguments stay as they are
+            seen["qkv"] = args[:3]
+
+        hook = site.mixer.register_forward_pre_hook(record)
+        try:
+            site(*records[name]["args"], **records[name]["kwargs"])
+        finally:
+            hook.remove()
+        if site.mixer.calibrate_output(*seen["qkv"]):
+            done.append(name)
+    return done
 
 
 class AttentionTransferLoss:

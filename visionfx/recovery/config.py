@@ -131,6 +131,8 @@ class DistillConfig(Recipe):
     distillation from the unpatched model.
 
     Stage 1 (attention transfer):
+        output_calibration: before stage 1 (on a fresh run), mixers with an output scale to set (vig's RMSNorm
+            weights, METHODS.md §7.3) take it from the host's attention output on one batch.
         stage1_steps: optimiser steps (0: skip).
         stage1_batch_size: images per process and micro-batch.
         stage1_lr, stage1_weight_decay, stage1_warmup: AdamW learning rate, weight decay (matrices only), and linear
@@ -165,6 +167,7 @@ class DistillConfig(Recipe):
             λ schedule (in proportion) to fit what stage 1 left. A slower mixer gets fewer steps, never more time.
     """
 
+    output_calibration: bool = True
     stage1_steps: int = 200
     stage1_batch_size: int = 64
     stage1_lr: float = 1e-3

@@ -1,7 +1,7 @@
 """``visionfx.distill``: recover the accuracy of a patched model (METHODS.md §10).
 
-``distill(model, "agent", data, stage1_steps=..., stage2_steps=...)`` patches ``model`` (unless it already is), runs
-stage 1 (attention transfer, :mod:`~visionfx.recovery.attention_transfer`) and stage 2 (fine-tuning with logit
+``distill(model, "agent", data, stage1_steps=..., stage2_steps=...)`` patches ``model`` (unless it already is), lets
+mixers with an output scale calibrate it to the host on one batch (vig; ``output_calibration``), runs stage 1 (attention transfer, :mod:`~visionfx.recovery.attention_transfer`) and stage 2 (fine-tuning with logit
 distillation, :mod:`~visionfx.recovery.finetune`), then PRepBN's ``recalibrate_bn`` and optionally
 ``reparameterize``, and returns the model with a log. Training runs on ``accelerate`` (one GPU, several GPUs under
 ``accelerate launch``, or the CPU) with mixed precision and gradient accumulation.
@@ -30,7 +30,7 @@ import torch
 import yaml
 from torch import nn
 
-from visionfx.recovery.attention_transfer import AttentionTransferLoss, transfer_parameters
+from visionfx.recovery.attention_transfer import AttentionTransferLoss, calibrate_outputs, transfer_parameters
 from visionfx.recovery.config import DistillConfig
 from visionfx.recovery.data import GpuAugment, ImageData, _seed, load_image_data, tensor_data
 from visionfx.recovery.engine import (RunLog, StageClock, adamw_warmup_cosine, evaluate, latest_checkpoint,
@@ -288,6 +288,14 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
 
     if not found and cfg.eval_at_start:
         top1["start"] = run.evaluate(model, "start", 0)
+
+    # --- output scales from the host (one batch, the same on every process) ----------------------------------------
+    if not found and cfg.output_calibration:
+        model.eval()
+        x, _ = next(data.train.train_batches(cfg.stage1_batch_size, seed=_seed(cfg.seed, 0), device=acc.device))
+        calibrated = calibrate_outputs(model, GpuAugment(data.mean, data.std).normalize(x))
+        if calibrated:
+            log.data["calibrated_sites"] = calibrated
 
     # --- stage 1: attention transfer -------------------------------------------------------------------------------
     if done_order <= 1 and cfg.stage1_steps > 0:
