@@ -1,7 +1,8 @@
 """``visionfx.distill``: recover the accuracy of a patched model (METHODS.md §10).
 
 ``distill(model, "agent", data, stage1_steps=..., stage2_steps=...)`` patches ``model`` (unless it already is), lets
-mixers with an output scale calibrate it to the host on one batch (vig; ``output_calibration``), runs stage 1 (attention transfer, :mod:`~visionfx.recovery.attention_transfer`) and stage 2 (fine-tuning with logit
+mixers with an output scale calibrate it to the host on one batch (vig; ``output_calibration``), runs stage 1
+(attention transfer, :mod:`~visionfx.recovery.attention_transfer`) and stage 2 (fine-tuning with logit
 distillation, :mod:`~visionfx.recovery.finetune`), then PRepBN's ``recalibrate_bn`` and optionally
 ``reparameterize``, and returns the model with a log. Training runs on ``accelerate`` (one GPU, several GPUs under
 ``accelerate launch``, or the CPU) with mixed precision and gradient accumulation.
