@@ -75,33 +75,23 @@ def test_kernel_and_reference_match_oracle(case):
         torch.testing.assert_close(y.double(), want, rtol=2e-5, atol=2e-5)
 
 
-def test_mixer_uses_the_op_without_autograd_only():
+def test_mixer_uses_the_op_without_autograd_only(monkeypatch):
     """The vig mixer routes its output stage through the op (forced Triton here) without autograd and through the
     PyTorch composition with it; both agree."""
+    import visionfx.kernels.vig_output.triton as kv
+    from test_kernels_bidir_gla import Launches
     from test_vig import build_layer
     from visionfx.methods.vig import VigConfig
 
     layer = build_layer(VigConfig(backend="triton"), 16, 2, (3, 4), 1, seed=2).float()
     layer.vfx_mixer.kernel = lambda t: (lambda q, k, v, gf, gb, scale: q * scale)  # keep the GLA op out of it
     x = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(3))
-    calls = []
-    import visionfx.kernels.vig_output.triton as kv
-
-    orig = kv._vig_output
-
-    class Spy:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return orig[grid]
-
-    kv._vig_output = Spy()
-    try:
-        with torch.no_grad():
-            y_ng = layer(x)
-        y = layer(x.requires_grad_())
-    finally:
-        kv._vig_output = orig
-    assert len(calls) == 1
+    launches = Launches(kv._vig_output)
+    monkeypatch.setattr(kv, "_vig_output", launches)
+    with torch.no_grad():
+        y_ng = layer(x)
+    y = layer(x.requires_grad_())
+    assert len(launches.args) == 1
     torch.testing.assert_close(y.detach(), y_ng, rtol=1e-5, atol=1e-5)
 
 

@@ -4,6 +4,7 @@ sources, and the reference recipe's command line on the cached subset."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -223,8 +224,6 @@ def test_train_cifar10_command_runs_two_steps(reference):
     assert info["steps"] == 2 and info["images"] == 16 and 0.0 <= info["top1"] <= 1.0
     assert info["model_kwargs"]["patch_size"] == 4 and len(model.blocks) == 1
     assert model.patch_embed.grid_size == (8, 8) and model.num_prefix_tokens == 1
-    import json
-
     history = json.loads((reference.parent / "train_log.json").read_text())["stages"]["train"]["history"]
     assert history[-1]["step"] == 2 and 0 < history[-1]["seconds"] <= info["seconds"]  # the clock at each record
 

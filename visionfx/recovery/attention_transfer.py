@@ -140,11 +140,13 @@ def calibrate_outputs(model: nn.Module, x: Any) -> list[str]:
     nothing to calibrate are left as they are). Run before stage 1."""
     from visionfx.methods.base import TokenMixer
 
+    sites = [(name, site) for name, site in attention_sites(model)
+             if type(site.mixer).calibrate_output is not TokenMixer.calibrate_output]
+    if not sites:  # nothing to calibrate: no forward pass
+        return []
     records = capture(model, x)
     done = []
-    for name, site in attention_sites(model):
-        if type(site.mixer).calibrate_output is TokenMixer.calibrate_output:
-            continue
+    for name, site in sites:
         seen: dict[str, tuple] = {}
 
         def record(module, args):  # returns None: the call's arguments stay as they are
