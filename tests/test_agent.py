@@ -290,6 +290,20 @@ def test_separable_interpolation_equals_interpolated_sum():
     torch.testing.assert_close(b2[:, 1:], s2.reshape(2, 9, H * W).transpose(1, 2), rtol=1e-12, atol=1e-12)
 
 
+def test_bias_layout_for_the_kernel():
+    """B1 comes as a view of rows padded to 16 tokens, which the Triton op loads up to that bound; B2 is
+    agent-contiguous. Values are those of the interpolation (test above)."""
+    pytest.importorskip("triton")
+    from visionfx.kernels.agent_attention.triton import _bias_args
+
+    m = make_mixer(AgentConfig(agent_num=9), (14, 14), 1)
+    N = 1 + 10 * 17
+    b1, b2 = m.position_biases((10, 17), torch.float32)
+    q = torch.zeros(1, 2, N, 8)
+    assert b1.stride() == (9 * 176, 176, 1) and _bias_args(b1, 2, q)[2] == 176
+    assert b2.stride(2) == 1 and _bias_args(b2, 1, q)[2] == N
+
+
 def test_zero_init_agent_equals_agentsd_kappa1_lambda0():
     model = FAMILIES["vit_reg"].build()
     x = FAMILIES["vit_reg"].inputs(0)

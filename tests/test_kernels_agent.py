@@ -56,6 +56,41 @@ def test_forward_backward_interpreted(B, H, N, D, n, bias):
         assert rel(got, want) < 1e-5
 
 
+def padded_views(b1, b2):
+    """The agent mixer's bias layout: token-contiguous views of ``[H, n, N']`` buffers with rows padded to a
+    multiple of 16 tokens; the padding holds NaN, which the kernels must never let through."""
+    H, n, N = b1.shape
+    bufs = torch.full((2, H, n, N + (-N % 16)), float("nan"), dtype=b1.dtype, device=b1.device)
+    bufs[0, :, :, :N] = b1
+    bufs[1, :, :, :N] = b2.transpose(1, 2)
+    return bufs[0, :, :, :N], bufs[1, :, :, :N].transpose(1, 2)
+
+
+@pytest.mark.parametrize("B,H,N,D,n", [(1, 2, 5, 16, 3), (2, 1, 70, 24, 49)])
+def test_padded_bias_views_interpreted(B, H, N, D, n):
+    """Biases as views of padded buffers (the layout whose loads run to a 16-aligned bound) give the same values
+    and gradients as contiguous tables, and do take the padded bound."""
+    from visionfx.kernels.agent_attention.triton import _bias_args
+
+    q, k, v, a, b1, b2 = make(B, H, N, D, n, True)
+    p1, p2 = padded_views(b1, b2)
+    padded = N + (-N % 16)
+    assert _bias_args(p1, 2, q)[2] == padded and _bias_args(p2, 1, q)[2] == padded
+    assert _bias_args(b1, 2, q)[2] == N and _bias_args(b2, 1, q)[2] == N
+    s1, s2 = D**-0.5, 0.7 * D**-0.5
+    p1, p2 = p1.requires_grad_(), p2.requires_grad_()  # views of buffers that need no gradient: leaves here
+    shared = [t.requires_grad_() for t in (q, k, v, a)]
+    out = agent_attention_triton(q, k, v, a, p1, p2, scale1=s1, scale2=s2)
+    b1, b2 = b1.requires_grad_(), b2.requires_grad_()
+    ref = naive(q, k, v, a, b1, b2, s1, s2)
+    assert rel(out, ref) < 1e-5
+    do = torch.randn_like(out)
+    g_out = torch.autograd.grad(out, shared + [p1, p2], do)
+    g_ref = torch.autograd.grad(ref, shared + [b1, b2], do.double())
+    for got, want in zip(g_out, g_ref):
+        assert torch.isfinite(got).all() and rel(got, want) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("N", [197, 577, 1025, 4097])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

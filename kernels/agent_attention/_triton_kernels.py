@@ -11,10 +11,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _bias_tile(Bias, h, ra, rn, a_mask, NB, sb_h, sb_a, sb_n):
+    """A ``[BA, BN]`` tile (agents × tokens) of a batch-shared bias table. Tokens ``≥ NB`` read 0; between N and
+    ``NB`` (a bound the host checked to be allocated, a multiple of 16 when the table is padded) they read whatever
+    is there and their scores are masked by the caller: a 16-aligned bound lets token-contiguous tables load in
+    vectors."""
+    return tl.load(Bias + h * sb_h + ra[:, None] * sb_a + rn[None, :] * sb_n,
+                   mask=a_mask[:, None] & (rn < NB)[None, :], other=0.0)
+
+
+@triton.jit
 def _agg_fwd(
     A, K, V, B1, M_out, L_out, ACC_out,
-    N, n_agents, n_heads, chunk, s1,
-    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
+    N, NB1, n_agents, n_heads, chunk, s1,
+    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a, sb1_n,
     HAS_B1: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -36,7 +46,7 @@ def _agg_fwd(
         k = tl.load(K + b * sk_b + h * sk_h + rn[:, None] * sk_n + rd[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         s = tl.dot(a, tl.trans(k), input_precision=PREC) * s1
         if HAS_B1:
-            s += tl.load(B1 + h * sb1_h + ra[:, None] * sb1_a + rn[None, :], mask=a_mask[:, None] & n_mask[None, :], other=0.0)
+            s += _bias_tile(B1, h, ra, rn, a_mask, NB1, sb1_h, sb1_a, sb1_n)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -77,36 +87,41 @@ def _agg_combine(
 @triton.jit
 def _bcast_fwd(
     Q, A, VA, B2, O, LSE2,
-    N, n_agents, n_heads, s2,
-    sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
+    N, NB2, n_agents, n_heads, s2, chunk,
+    sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_a, sb2_n,
     HAS_B2: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    """Token blocks of one chunk of one (batch, head): the agents and ``VA`` are loaded once per program."""
+    pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
-    rm = pid_m * BM + tl.arange(0, BM)
     ra, rd = tl.arange(0, BA), tl.arange(0, BD)
-    m_mask, a_mask, d_mask = rm < N, ra < n_agents, rd < D
-    q = tl.load(Q + b * sq_b + h * sq_h + rm[:, None] * sq_n + rd[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    a_mask, d_mask = ra < n_agents, rd < D
     a = tl.load(A + b * sa_b + h * sa_h + ra[:, None] * sa_n + rd[None, :], mask=a_mask[:, None] & d_mask[None, :], other=0.0)
-    va = tl.load(VA + (pid_bh * BA + ra[:, None]) * BD + rd[None, :])
-    s = tl.dot(q, tl.trans(a), input_precision=PREC) * s2
-    if HAS_B2:
-        s += tl.load(B2 + h * sb2_h + rm[:, None] * sb2_n + ra[None, :], mask=m_mask[:, None] & a_mask[None, :], other=0.0)
-    s = tl.where(a_mask[None, :], s, float("-inf"))
-    mx = tl.max(s, 1)
-    p = tl.exp(s - mx[:, None])
-    l = tl.sum(p, 1)
-    p = p / l[:, None]
-    o = tl.dot(p.to(q.dtype), va.to(q.dtype), input_precision=PREC)
-    tl.store(O + b * so_b + h * so_h + rm[:, None] * so_n + rd[None, :], o.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(LSE2 + pid_bh * N + rm, mx + tl.log(l), mask=m_mask)
+    va = tl.load(VA + (pid_bh * BA + ra[:, None]) * BD + rd[None, :]).to(a.dtype)
+    start = pid_s * chunk
+    stop = tl.minimum(start + chunk, N)
+    for m0 in range(start, stop, BM):
+        rm = m0 + tl.arange(0, BM)
+        m_mask = rm < stop
+        q = tl.load(Q + b * sq_b + h * sq_h + rm[:, None] * sq_n + rd[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(a), input_precision=PREC) * s2
+        if HAS_B2:
+            s += tl.trans(_bias_tile(B2, h, ra, rm, a_mask, NB2, sb2_h, sb2_a, sb2_n))
+        s = tl.where(a_mask[None, :], s, float("-inf"))
+        mx = tl.max(s, 1)
+        p = tl.exp(s - mx[:, None])
+        l = tl.sum(p, 1)
+        p = p / l[:, None]
+        o = tl.dot(p.to(q.dtype), va, input_precision=PREC)
+        tl.store(O + b * so_b + h * so_h + rm[:, None] * so_n + rd[None, :], o.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+        tl.store(LSE2 + pid_bh * N + rm, mx + tl.log(l), mask=m_mask)
 
 
 @triton.jit
 def _bcast_tile(
-    Q, A, VA, B2, O, DO, LSE2, b, h, pid_bh, rm, N, n_agents, s2,
-    sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
+    Q, A, VA, B2, O, DO, LSE2, b, h, pid_bh, rm, N, NB2, n_agents, s2,
+    sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_a, sb2_n,
     HAS_B2: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     """Recompute the broadcast stage of one token block: ``q, a, dO`` (fp32), ``P2`` and ``dS2`` (``[BM, BA]``)."""
@@ -121,7 +136,7 @@ def _bcast_tile(
     lse = tl.load(LSE2 + pid_bh * N + rm, mask=m_mask, other=0.0)
     s = tl.dot(q, tl.trans(a), input_precision=PREC) * s2
     if HAS_B2:
-        s += tl.load(B2 + h * sb2_h + rm[:, None] * sb2_n + ra[None, :], mask=m_mask[:, None] & a_mask[None, :], other=0.0)
+        s += tl.trans(_bias_tile(B2, h, ra, rm, a_mask, NB2, sb2_h, sb2_a, sb2_n))
     p = tl.exp(s - lse[:, None])
     p = tl.where(a_mask[None, :] & m_mask[:, None], p, 0.0)
     dp = tl.dot(do, tl.trans(va), input_precision=PREC)
@@ -133,8 +148,8 @@ def _bcast_tile(
 @triton.jit
 def _bcast_bwd(
     Q, A, VA, B2, O, DO, LSE2, DQ, DVA, DA,
-    N, n_agents, n_heads, s2, chunk,
-    sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
+    N, NB2, n_agents, n_heads, s2, chunk,
+    sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_a, sb2_n,
     HAS_B2: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -149,8 +164,8 @@ def _bcast_bwd(
     for m0 in range(start, stop, BM):
         rm = m0 + tl.arange(0, BM)
         q, a, do, p, ds = _bcast_tile(
-            Q, A, VA, B2, O, DO, LSE2, b, h, pid_bh, rm, N, n_agents, s2,
-            sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
+            Q, A, VA, B2, O, DO, LSE2, b, h, pid_bh, rm, N, NB2, n_agents, s2,
+            sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_a, sb2_n,
             HAS_B2=HAS_B2, D=D, BA=BA, BD=BD, PREC=PREC,
         )
         dq = tl.dot(ds, a, input_precision=PREC) * s2
@@ -165,8 +180,8 @@ def _bcast_bwd(
 @triton.jit
 def _bias2_bwd(
     Q, A, VA, B2, O, DO, LSE2, DB2,
-    N, n_agents, n_heads, s2, b_chunk, n_batch,
-    sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
+    N, NB2, n_agents, n_heads, s2, b_chunk, n_batch,
+    sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_a, sb2_n,
     D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
 ):
     """dB2 of one (token block, head), summed over this program's batch chunk on chip, then one atomic add."""
@@ -176,8 +191,8 @@ def _bias2_bwd(
     db = tl.zeros([BM, BA], tl.float32)
     for b in range(pid_b * b_chunk, tl.minimum(pid_b * b_chunk + b_chunk, n_batch)):
         _q, _a, _do, _p, ds = _bcast_tile(
-            Q, A, VA, B2, O, DO, LSE2, b, h, b * n_heads + h, rm, N, n_agents, s2,
-            sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_n,
+            Q, A, VA, B2, O, DO, LSE2, b, h, b * n_heads + h, rm, N, NB2, n_agents, s2,
+            sq_b, sq_h, sq_n, sa_b, sa_h, sa_n, so_b, so_h, so_n, sb2_h, sb2_a, sb2_n,
             HAS_B2=True, D=D, BA=BA, BD=BD, PREC=PREC,
         )
         db += ds
@@ -186,8 +201,8 @@ def _bias2_bwd(
 
 @triton.jit
 def _agg_tile(
-    A, K, V, B1, VA, DVA, LSE1, b, h, pid_bh, rn, N, n_agents, s1,
-    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
+    A, K, V, B1, VA, DVA, LSE1, b, h, pid_bh, rn, N, NB1, n_agents, s1,
+    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a, sb1_n,
     HAS_B1: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
 ):
     """Recompute the aggregation stage of one token block: ``a, k, dVA`` (fp32), ``P1`` and ``dS1`` (``[BA, BN]``)."""
@@ -202,7 +217,7 @@ def _agg_tile(
     lse = tl.load(LSE1 + pid_bh * BA + ra, mask=a_mask, other=0.0)
     s = tl.dot(a, tl.trans(k), input_precision=PREC) * s1
     if HAS_B1:
-        s += tl.load(B1 + h * sb1_h + ra[:, None] * sb1_a + rn[None, :], mask=a_mask[:, None] & n_mask[None, :], other=0.0)
+        s += _bias_tile(B1, h, ra, rn, a_mask, NB1, sb1_h, sb1_a, sb1_n)
     p = tl.exp(s - lse[:, None])
     p = tl.where(a_mask[:, None] & n_mask[None, :], p, 0.0)
     dp = tl.dot(dva, tl.trans(v), input_precision=PREC)
@@ -214,8 +229,8 @@ def _agg_tile(
 @triton.jit
 def _agg_bwd(
     A, K, V, B1, VA, DVA, LSE1, DK, DV, DA,
-    N, n_agents, n_heads, s1, chunk,
-    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
+    N, NB1, n_agents, n_heads, s1, chunk,
+    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a, sb1_n,
     HAS_B1: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -229,8 +244,8 @@ def _agg_bwd(
     for n0 in range(start, stop, BN):
         rn = n0 + tl.arange(0, BN)
         a, k, dva, p, ds = _agg_tile(
-            A, K, V, B1, VA, DVA, LSE1, b, h, pid_bh, rn, N, n_agents, s1,
-            sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
+            A, K, V, B1, VA, DVA, LSE1, b, h, pid_bh, rn, N, NB1, n_agents, s1,
+            sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a, sb1_n,
             HAS_B1=HAS_B1, D=D, BA=BA, BD=BD, PREC=PREC,
         )
         nd = (rn < stop)[:, None] & (rd < D)[None, :]
@@ -243,8 +258,8 @@ def _agg_bwd(
 @triton.jit
 def _bias1_bwd(
     A, K, V, B1, VA, DVA, LSE1, DB1,
-    N, n_agents, n_heads, s1, b_chunk, n_batch,
-    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
+    N, NB1, n_agents, n_heads, s1, b_chunk, n_batch,
+    sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a, sb1_n,
     D: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     """dB1 of one (head, token block), summed over this program's batch chunk on chip, then one atomic add."""
@@ -254,8 +269,8 @@ def _bias1_bwd(
     db = tl.zeros([BA, BN], tl.float32)
     for b in range(pid_b * b_chunk, tl.minimum(pid_b * b_chunk + b_chunk, n_batch)):
         _a, _k, _dva, _p, ds = _agg_tile(
-            A, K, V, B1, VA, DVA, LSE1, b, h, b * n_heads + h, rn, N, n_agents, s1,
-            sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a,
+            A, K, V, B1, VA, DVA, LSE1, b, h, b * n_heads + h, rn, N, NB1, n_agents, s1,
+            sa_b, sa_h, sa_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb1_h, sb1_a, sb1_n,
             HAS_B1=True, D=D, BA=BA, BD=BD, PREC=PREC,
         )
         db += ds

@@ -249,22 +249,29 @@ class AgentAttention(TokenMixer):
 
     def position_biases(self, grid: tuple[int, int], dtype: torch.dtype = torch.float32):
         """``(B1 [h, n, N], B2 [h, N, n])`` for a ``grid = (H, W)`` of patch tokens after the prefix tokens, in
-        ``dtype``; ``(None, None)`` without biases."""
+        ``dtype``; ``(None, None)`` without biases. Both are views of products with a basis padded to ``N'``, a
+        multiple of 16 tokens: B1 is token-contiguous with ``N'``-long rows, which the Triton kernel loads in
+        vectors; B2 is agent-contiguous, the layout its broadcast pass reads fastest."""
         if not self.config.use_bias:
             return None, None
         h, n, b = self.an_bias.shape[:3]
         P0, dev = self.num_prefix_tokens, self.an_bias.device
         grid = (int(grid[0]), int(grid[1]))
-        basis = grid_constant(("agent_bias", grid, self.grid0, b, P0, dev, dtype),
-                              lambda: bias_basis(grid, self.grid0, b, P0, dev, dtype))  # [K, N]
+        N = P0 + grid[0] * grid[1]
+
+        def padded_basis():
+            basis = bias_basis(grid, self.grid0, b, P0, dev, dtype)  # [K, N]
+            return F.pad(basis, (0, -N % 16))
+
+        basis = grid_constant(("agent_bias", grid, self.grid0, b, P0, dev, dtype), padded_basis)  # [K, N']
         prefix1 = (self.ac_bias,) if P0 else ()
         prefix2 = (self.ca_bias.transpose(1, 2),) if P0 else ()
         p1 = torch.cat((self.an_bias.flatten(2), self.ah_bias, self.aw_bias, *prefix1), dim=2)  # [h, n, K]
         p2 = torch.cat((self.na_bias.flatten(2), self.ha_bias.transpose(1, 2), self.wa_bias.transpose(1, 2),
                         *prefix2), dim=2)
         with torch.autocast(dev.type, enabled=False):  # the biases stay in ``dtype`` (fp32) under autocast
-            b1 = p1.to(dtype) @ basis  # [h, n, N]
-            b2 = basis.T @ p2.to(dtype).transpose(1, 2)  # [h, N, n], contiguous as the kernel reads it
+            b1 = (p1.to(dtype) @ basis)[:, :, :N]  # [h, n, N]
+            b2 = (basis.T @ p2.to(dtype).transpose(1, 2))[:, :N]  # [h, N, n]
         return b1, b2
 
     def agents(self, q: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
