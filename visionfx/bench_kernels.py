@@ -109,8 +109,10 @@ def _inputs(config: str, B: int, H: int, N: int, d: int, dtype, device, grad: bo
     if _op(config) == "agent_attention":
         n = CONFIGS[config]["agents"]
         a = torch.randn(B, H, n, d, generator=g).to(device, dtype).requires_grad_(grad)
-        b1, b2 = (0.1 * torch.randn(*s, generator=g).to(device).requires_grad_(grad) for s in ((H, n, N), (H, N, n)))
-        return [q, k, v, a, b1, b2], dict(scale1=d**-0.5, scale2=d**-0.5)
+        b1, b2 = (0.1 * torch.randn(*s, generator=g).to(device) for s in ((H, n, N), (H, N, n)))
+        # B1 laid out as the agent mixer makes it: token-contiguous rows padded to 16 tokens (a view)
+        b1 = F.pad(b1, (0, -N % 16))[:, :, :N]
+        return [q, k, v, a, b1.requires_grad_(grad), b2.requires_grad_(grad)], dict(scale1=d**-0.5, scale2=d**-0.5)
     if _op(config) == "bidir_gla":
         gates = F.logsigmoid(torch.randn(2, B, H, N, d, generator=g) + 4.0) / 16  # the vig parametrisation
         # both directions as two views of one buffer, as the vig mixer makes them (the op then copies nothing)
