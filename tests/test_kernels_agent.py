@@ -57,8 +57,9 @@ def test_forward_backward_interpreted(B, H, N, D, n, bias):
 
 
 def padded_views(b1, b2):
-    """The agent mixer's bias layout: token-contiguous views of ``[H, n, N']`` buffers with rows padded to a
-    multiple of 16 tokens; the padding holds NaN, which the kernels must never let through."""
+    """Both biases as token-contiguous views of ``[H, n, N']`` buffers with rows padded to a multiple of 16 tokens
+    (B1's layout in the agent mixer; B2 there is agent-contiguous, and a token-contiguous B2 exercises the other
+    side of the kernels' strided loads). The padding holds NaN, which the kernels must never let through."""
     H, n, N = b1.shape
     bufs = torch.full((2, H, n, N + (-N % 16)), float("nan"), dtype=b1.dtype, device=b1.device)
     bufs[0, :, :, :N] = b1
@@ -94,12 +95,14 @@ def test_padded_bias_views_interpreted(B, H, N, D, n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("N", [197, 577, 1025, 4097])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_gpu(N, dtype):
+@pytest.mark.parametrize("layout", ["contiguous", "padded"])
+def test_low_precision_gpu(N, dtype, layout):
     B = max(1, 12608 // N)
     q, k, v, a, b1, b2 = make(B, 6, N, 64, 49, True, dtype=dtype, device="cuda")
     s1 = s2 = 64**-0.5
     leaves = [t.requires_grad_() for t in (q, k, v, a, b1, b2)]
-    out = agent_attention_triton(q, k, v, a, b1, b2, scale1=s1, scale2=s2)
+    kb1, kb2 = (b1, b2) if layout == "contiguous" else padded_views(b1, b2)  # views: gradients reach b1, b2
+    out = agent_attention_triton(q, k, v, a, kb1, kb2, scale1=s1, scale2=s2)
     exact = naive(q, k, v, a, b1, b2, s1, s2)
     # the same math in the low precision with PyTorch ops: the error budget of this dtype
     lowp = torch.softmax(s2 * q @ a.transpose(-1, -2) + b2.to(dtype), -1) @ (
