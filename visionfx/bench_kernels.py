@@ -20,7 +20,8 @@ Decisions the specs leave open:
   pays. On CPU the benchmark is a smoke test: tiny default sizes, wall-clock medians of a few calls, and the Triton
   column only under ``TRITON_INTERPRET=1``.
 - rala's key weights are ``N·softmax`` of random logits and its rotary tables fp32 ``[N, d/2]``, both built outside
-  the timed region; inline uses ``scale = d^-0.5``.
+  the timed region; inline uses ``scale = d^-0.5``; agent's B1 is a view of rows padded to 16 tokens, the layout
+  the agent mixer hands the op.
 - ``x_floor`` is time / floor (1.0 is the roofline; PERFORMANCE.md's target is ≤ 1.5 for N ≥ 1025);
   ``vs_sdpa`` is SDPA's time / the kernel's (above 1: the kernel is faster).
 """

@@ -13,9 +13,9 @@ over a chunk of tokens on chip (one atomic add per program); the aggregation pas
 the same way. The batch-shared bias gradients dB1, dB2 come from separate passes over (token block, head) that loop
 over the batch, so no two programs of the same batch element contend for an address. Biases are batch-independent
 tables ``B1 [h,n,N]``, ``B2 [h,N,n]`` read in fp32 with any strides; the bias tiles, not Q, K, V, dominate the
-forward's time (at B = 64, N = 4097 on the H200 it is 1.07x the slab op's without biases), and a token-contiguous
-B1 with 16-aligned rows (the agent mixer's layout, see ``_bias_args``) loads in vectors. The ``@jit`` kernels live
-in ``_triton_kernels``.
+forward's time (at B = 64, N = 4097 on the H200 it was about 1.07x the slab op's without biases), and a
+token-contiguous B1 with 16-aligned rows (the agent mixer's layout, see ``_bias_args``) loads in vectors. The
+``@jit`` kernels live in ``_triton_kernels``.
 """
 
 from __future__ import annotations
