@@ -9,7 +9,8 @@
 
 The models are built from explicit configs (CLIP ViT-L/14-336 + Llama-2-7B; no download), in bf16 on CUDA. Per
 model, batch size and configuration (eager and SDPA baselines; FasterVLM at 0/50/75/90/95 % pruning; DyVTE forced to
-exit after layers 2/8/16, and routed with routers that never fire, ``dyvte-routed``: the routing cost; VAR) it
+exit after layers 2/8/16, and routed with routers that never fire, ``dyvte-routed``: the routing cost, with the
+router op's Triton kernels and, ``dyvte-routed-ref``, its PyTorch reference; VAR) it
 reports, as medians (CUDA events):
 
 - ``ttft_ms``: one full forward on the prompt (vision tower, scoring, projector, LLM prefill, LM head), over
@@ -175,7 +176,8 @@ def configurations(num_layers: int, tiny: bool) -> list[tuple[str, str | None, d
     exits = [2, 8, 16] if num_layers >= 32 else sorted({round(k * num_layers / 32) for k in (2, 8, 16)})
     hidden = 64 if tiny else 2048
     rows += [(f"dyvte-exit{k}", "dyvte", {"exit_layer": k, "router_hidden": hidden}, "sdpa") for k in exits]
-    rows += [("dyvte-routed", "dyvte", {"router_hidden": hidden}, "sdpa")]
+    rows += [("dyvte-routed", "dyvte", {"router_hidden": hidden}, "sdpa"),
+             ("dyvte-routed-ref", "dyvte", {"router_hidden": hidden, "backend": "reference"}, "sdpa")]
     dims = {"sink_dims": (1,)} if tiny else {}
     rows += [("var", "var", dims, "eager"), ("var-all", "var", {**dims, "tau": 0.0, "summ": 0.0}, "eager"),
              ("var-hybrid", "var", {**dims, "tau": 0.0, "summ": 0.0, "mode": "hybrid"}, "sdpa")]
@@ -226,7 +228,10 @@ def run_one(model, inputs, method, overrides, attn, args, clock, compiled: bool)
         if method == "dyvte":  # of the last call (L − 1: never exited)
             from visionfx.patches.llava import get_handle
 
-            out["exit_layers"] = get_handle(model).exit_layers.tolist()
+            handle = get_handle(model)
+            out["exit_layers"] = handle.exit_layers.tolist()
+            if handle.router_backend is not None:
+                out["router_backend"] = list(handle.router_backend)
         return out
     finally:
         lm_owner.language_model = lm

@@ -23,7 +23,7 @@ def load_script():
 def test_tiny_run_writes_json(tmp_path, capsys):
     bench = load_script()
     out = tmp_path / "llava.json"
-    configs = "sdpa,fastervlm-75%,dyvte-exit1,dyvte-routed,var-hybrid"
+    configs = "sdpa,fastervlm-75%,dyvte-exit1,dyvte-routed,dyvte-routed-ref,var-hybrid"
     assert bench.main(["--tiny", "--models", "llava", "--batch-sizes", "2", "--configs", configs, "--reps", "1",
                        "--warmup", "0", "--new-tokens", "3", "--decode-reps", "2", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
@@ -40,7 +40,9 @@ def test_tiny_run_writes_json(tmp_path, capsys):
     assert rows["fastervlm-75%"]["lm_tokens"] == rows["sdpa"]["lm_tokens"] - 12
     layers = bench._llama7b(tiny=True).num_hidden_layers
     assert rows["dyvte-exit1"]["exit_layers"] == [1, 1]
-    assert rows["dyvte-routed"]["exit_layers"] == [layers - 1] * 2  # every router ran, none fired
+    for name in ("dyvte-routed", "dyvte-routed-ref"):
+        assert rows[name]["exit_layers"] == [layers - 1] * 2  # every router ran, none fired
+    assert rows["dyvte-routed-ref"]["router_backend"][0] == "reference"
     text = capsys.readouterr().out
     assert "FasterVLM scoring overhead" in text and "rows left" in text
 
@@ -51,7 +53,7 @@ def test_configurations_cover_the_sweep():
     assert names[:2] == ["eager", "sdpa"]
     assert [n for n in names if n.startswith("fastervlm")] == [f"fastervlm-{p}%" for p in (0, 50, 75, 90, 95)]
     assert [n for n in names if n.startswith("dyvte")] == ["dyvte-exit2", "dyvte-exit8", "dyvte-exit16",
-                                                                  "dyvte-routed"]
+                                                                  "dyvte-routed", "dyvte-routed-ref"]
     assert {"var", "var-all", "var-hybrid"} <= set(names)
 
 

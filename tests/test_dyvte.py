@@ -309,13 +309,20 @@ def test_router_features_oracle_and_strict_decision():
         torch.testing.assert_close(feat[b], torch.cat([mean, h[b, -1]]), atol=1e-12, rtol=0)
     assert not bool(defined[2])  # "[7]" alone: nothing between the image and the final position
     logits = torch.tensor([[0.0, 0.0], [0.0, 1e-6], [1.0, 0.5], [2.0, 2.0 + 1e-3]])
-    assert exit_decision(logits).tolist() == [False, True, False, True]
-    assert exit_decision(torch.tensor([[0.0, 1.0]]), threshold=0.8).tolist() == [False]  # sigmoid(1) = 0.73
-    assert exit_decision(torch.tensor([[0.0, 1.5]]), threshold=0.8).tolist() == [True]  # 0.82
+    assert exit_decision(logits) == [False, True, False, True]
+    assert exit_decision(logits.tolist()) == [False, True, False, True]  # the host copy the handle reads
+    assert exit_decision(torch.tensor([[0.0, 1.0]]), threshold=0.8) == [False]  # sigmoid(1) = 0.73
+    assert exit_decision(torch.tensor([[0.0, 1.5]]), threshold=0.8) == [True]  # 0.82
+    assert exit_decision([[0.5, 0.5 - 1e-9]], threshold=0.4) == [True]  # margin log(0.4/0.6) < 0
 
 
-def test_router_decisions_match_oracle(sdpa_llava, batch, unpatch_after):
-    handle = patch(sdpa_llava)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_router_decisions_match_oracle(sdpa_llava, batch, unpatch_after, backend):
+    """The handle's decisions against routers applied by hand to the hooked layer outputs; ``triton`` runs the
+    router op's kernels (interpreted on CPU)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    handle = patch(sdpa_llava, backend=backend)
     unpatch_after(sdpa_llava)
     outputs = {}
     hooks = [layer.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple)
@@ -342,6 +349,7 @@ def test_router_decisions_match_oracle(sdpa_llava, batch, unpatch_after):
                         break
                 expected.append(exit_at)
             assert handle.exit_layers.tolist() == expected
+            assert handle.router_backend[0] == backend
             patterns.add(tuple(expected))
         assert len(patterns) >= 3
     finally:

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from visionfx.config import MethodConfig
+from visionfx.kernels.dispatch import BACKENDS, choose
 from visionfx.methods.dyvte_masks import apply_block, block_mask, gather_mask, gather_seq
 from visionfx.methods.dyvte_router import (Router, TextSpan, exit_decision, router_features, span_features, span_mask,
                                            text_span)
@@ -79,6 +80,8 @@ class DyVTEConfig(MethodConfig):
             exits with its last sample, compaction only; FlashAttention-compatible, not exact).
         router_hidden: router width (2048 officially).
         prompt_template: name/text of the chat template the routers were trained with (checked against checkpoints).
+        backend: ``"auto"`` runs each router step as two Triton kernels on CUDA (``kernels/dyvte_router``), the
+            PyTorch reference elsewhere; ``"reference"`` / ``"triton"`` force one (``VISIONFX_BACKEND`` too).
     """
 
     method = "dyvte"
@@ -88,6 +91,7 @@ class DyVTEConfig(MethodConfig):
     batch_policy: str = "exact"
     router_hidden: int = 2048
     prompt_template: str | None = None
+    backend: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -109,6 +113,8 @@ class DyVTEConfig(MethodConfig):
         if isinstance(self.router_hidden, bool) or not isinstance(self.router_hidden, numbers.Integral) \
                 or self.router_hidden < 1:
             raise ValueError(f"dyvte: router_hidden must be a positive int, got {self.router_hidden!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"dyvte: backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 @dataclass
@@ -125,6 +131,7 @@ class _Sequence:
     compact_from: int | None = None
     span: "TextSpan | None" = None  # routed prefills: the routers' text span, and the samples that can exit
     routable: list = field(default_factory=list)
+    router_step: Any = None  # routed prefills: the router op's function (kernels/dyvte_router), chosen once
 
 
 @dataclass
@@ -187,6 +194,7 @@ class DyVTEHandle(LlavaHandle):
         self.compaction = True
         self.enabled = True
         self.exit_layers = self.compact_from = self.kept_positions = None
+        self.router_backend: tuple[str, str] | None = None
         self._seq: _Sequence | None = None
         self._step: _Step | None = None
         self._prompt_length = self._image_mask = None
@@ -345,6 +353,7 @@ class DyVTEHandle(LlavaHandle):
             seq.exit_list = lists[0]
             seq.has_list, seq.routable = ([bool(v) for v in row] for row in lists[1:3])
             seq.span = TextSpan.from_mask(span, count, end, max(lists[3]))
+            seq.router_step = self._router_step()
             if seq.routable != seq.has_list and not self._warned:
                 self._warned = True
                 warnings.warn("DyVTE: a prompt has no text between its last image token and its final position; "
@@ -354,6 +363,18 @@ class DyVTEHandle(LlavaHandle):
         self._seq = seq
         self.exit_layers = exits
         self._step = _Step(prefill=True, total=length, float_dtype=float_dtype)
+
+    def _router_step(self):
+        """The router op's function for this model (Triton on CUDA when the routers share their layers' device and
+        dtype); ``router_backend`` keeps ``(backend, why)`` for :func:`visionfx.explain` and benchmarks."""
+        p = next(self.parts.llm_layers[0].parameters())
+        w = self.routers[0].w1.weight
+        same = all(next(layer.parameters()).device == r.w1.weight.device
+                   for layer, r in zip(self.parts.llm_layers, self.routers))
+        fn, used, why = choose("dyvte_router", self.config.backend, p.device.type, p.dtype, self.hidden_size,
+                               weight_dtype=w.dtype, same_device=same)
+        self.router_backend = (used, why)
+        return fn
 
     def _llm_dtype(self) -> torch.dtype:
         return next(self.parts.llm_layers[0].parameters()).dtype
@@ -435,9 +456,10 @@ class DyVTEHandle(LlavaHandle):
         if not any(pending):
             return
         hidden = output[0] if isinstance(output, tuple) else output
+        router, span = self.routers[index], seq.span
         with torch.no_grad():
-            logits = self.routers[index](span_features(hidden, seq.span).to(self.routers[index].w1.weight.device))
-        decided = exit_decision(logits, self.config.threshold).tolist()  # the layer's one device sync
+            logits = seq.router_step(hidden, span.index, span.weights, span.count, router.w1.weight, router.w2.weight)
+        decided = exit_decision(logits.tolist(), self.config.threshold)  # the layer's one device sync
         exiting = [p and d for p, d in zip(pending, decided)]
         if any(exiting):  # the next layer's shape depends on it; the device copy is updated only at an exit
             seq.exits.masked_fill_(torch.tensor(exiting, device=seq.exits.device), index)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from visionfx.kernels.dyvte_router.reference import span_features_reference
 from visionfx.patches.llava_prompt import true_first
 
 __all__ = ["Router", "router_features", "TextSpan", "span_mask", "text_span", "span_features", "exit_decision"]
@@ -87,17 +88,14 @@ def text_span(image: torch.Tensor, valid: torch.Tensor, end: torch.Tensor) -> Te
 
 def span_features(hidden: torch.Tensor, span: TextSpan) -> torch.Tensor:
     """:func:`router_features`' ``feat`` from a precomputed :class:`TextSpan` (the mean accumulated in fp32)."""
-    h = hidden.detach()
-    rows = h.gather(1, span.index[..., None].expand(-1, -1, h.shape[-1]))
-    width = span.weights.shape[1]
-    mean = (rows[:, :width] * span.weights).sum(1) / span.count  # promoted to fp32 (fp64 stays fp64); 0/1 weights
-    return torch.cat([mean.to(h.dtype), rows[:, width]], dim=-1)
+    return span_features_reference(hidden, span.index, span.weights, span.count)
 
 
-def exit_decision(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """``[B, 2]`` router logits -> ``[B]`` bool: softmax P(exit) > threshold, i.e. ``logit_exit - logit_keep >
-    log(t / (1 - t))`` (strictly; 0 at t = 0.5, the official argmax)."""
-    if threshold == 0.5:  # one comparison, exact in any dtype
-        return logits[..., 1] > logits[..., 0]
-    margin = math.log(threshold) - math.log1p(-threshold)
-    return (logits[..., 1].float() - logits[..., 0].float()) > margin
+def exit_decision(logits, threshold: float = 0.5) -> list[bool]:
+    """Router logits (a ``[B, 2]`` tensor or its ``tolist()``) -> one bool per sample: softmax P(exit) > threshold,
+    i.e. ``logit_exit - logit_keep > log(t / (1 - t))`` strictly, the difference taken in float64 on the host (exact
+    in sign; 0 at t = 0.5, the official argmax). The caller reads the logits on the host anyway: the next layer's
+    shapes depend on the decision."""
+    rows = logits.tolist() if isinstance(logits, torch.Tensor) else logits
+    margin = 0.0 if threshold == 0.5 else math.log(threshold) - math.log1p(-threshold)
+    return [float(keep_exit[1]) - float(keep_exit[0]) > margin for keep_exit in rows]
