@@ -14,6 +14,8 @@ triton = pytest.importorskip("triton")
 from visionfx.kernels.dyvte_router.reference import router_logits_reference, span_features_reference  # noqa: E402
 from visionfx.kernels.dyvte_router.triton import router_logits_triton  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the small cases run on the GPU too, in fp32
+
 
 def oracle(hidden, spans, ends, w1, w2):
     h, w1, w2 = hidden.double(), w1.double(), w2.double()
@@ -61,10 +63,11 @@ def test_kernel_and_reference_match_oracle(case):
     w1 = torch.randn(HD, 2 * D, generator=g) / math.sqrt(2 * D)
     w2 = torch.randn(2, HD, generator=g)
     want = oracle(hidden, spans, ends, w1, w2)
+    args = [t.to(DEVICE) for t in (hidden, index, weights, count, w1, w2)]
     for fn in (router_logits_triton, router_logits_reference):
-        got = fn(hidden, index, weights, count, w1, w2)
+        got = fn(*args)
         assert got.shape == (B, 2) and got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

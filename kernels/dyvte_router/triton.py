@@ -25,7 +25,7 @@ import triton.language as tl
 __all__ = ["router_logits_triton"]
 
 BD = 256  # channels per _span_mean program
-BH, BK = 16, 256  # router units per _router_mlp program, and its reduction step
+BH, BK = 16, 512  # router units per _router_mlp program, its reduction step (H200: 12 µs; 16 µs with BK 256)
 
 
 @triton.jit
