@@ -9,8 +9,9 @@ positions are gone from hidden states, keys/values, queries, RoPE tables and mas
 How it runs (hooks only, patches/llava.py holds the bookkeeping):
 - a pre-hook on ``LlavaModel`` records the image span, padding and prompt length of each forward (prefill = empty
   cache); a forward hook on each decoder layer ℓ ≤ L−2 evaluates the routers of the samples still running (the text
-  span they average is found once per prefill; each routed layer then costs a gather of the span's rows, the
-  router's two products and one device sync, since the next layer's shapes depend on its decision);
+  span they average is found once per prefill; each routed layer then runs the router op, ``kernels/dyvte_router``,
+  two Triton kernels on CUDA, and reads its logits on the host: one device sync, since the next layer's shapes
+  depend on the decision);
 - a pre-hook (``with_kwargs=True``) on each decoder layer compacts, once every sample has exited: it gathers the
   hidden states (first compacted layer), ``cos``/``sin`` and the mask (eager float, SDPA bool, FlashAttention 2-D,
   ``None`` stays ``None``) at the kept positions and passes ``position_ids=None``; in decoding it gathers the mask
