@@ -180,6 +180,8 @@ class DyVTEHandle(LlavaHandle):
         exit_layers: ``[B]`` exit layer per sample of the last prefill (L−1: full model, -1: no image).
         compact_from: first physically compacted layer of the last prefill, or ``None``.
         kept_positions: ``[B, M]`` original positions of the compacted sequence (-1 at padding slots), or ``None``.
+        router_backend: ``(backend, why)`` of the router op in the last routed prefill (``"triton"`` or
+            ``"reference"``), or ``None``.
         forced_exits: ``None``, an int or one exit layer per sample, overriding the routers (analysis).
         compaction: ``False`` keeps full-length tensors and uses the virtual exit mask everywhere (analysis).
     """
@@ -367,7 +369,7 @@ class DyVTEHandle(LlavaHandle):
 
     def _router_step(self):
         """The router op's function for this model (Triton on CUDA when the routers share their layers' device and
-        dtype); ``router_backend`` keeps ``(backend, why)`` for :func:`visionfx.explain` and benchmarks."""
+        dtype); ``router_backend`` keeps ``(backend, why)`` of the last routed prefill (benchmarks record it)."""
         p = next(self.parts.llm_layers[0].parameters())
         w = self.routers[0].w1.weight
         same = all(next(layer.parameters()).device == r.w1.weight.device
