@@ -51,7 +51,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
-from visionfx.methods.patch_rows import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
+from visionfx.methods.patch_rows import add_local_conv, grid_constant
 from visionfx.registry import MethodSpec
 
 __all__ = ["AgentConfig", "AgentSDConfig", "AgentAttention", "agent_grid", "resize_linear", "resize_bilinear"]
@@ -301,9 +301,7 @@ class AgentAttention(TokenMixer):
         # the Triton op keeps its output for the backward: add in place only where autograd does not track it
         inplace = not o.requires_grad
         if self.dwc is not None:
-            w = self.dwc.weight
-            local = depthwise_conv_patch_rows(v.to(w.dtype), w, self.dwc.bias, (H, W), P0).to(o.dtype)
-            o = add_to_patch_rows(o, local, P0, inplace=inplace)
+            o = add_local_conv(self, o, v, self.dwc.weight, self.dwc.bias, (H, W), P0, inplace)
             inplace = True  # o is now this layer's own sum
         lam = self.config.v_shortcut
         if lam != 0:

@@ -145,6 +145,17 @@ class TokenMixer(nn.Module):
 
         return choose(self.op, self.config.backend, x.device.type, x.dtype, self.head_dim, **self.op_options())[0]
 
+    def inference_op(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None, **options):
+        """Op ``name``'s function (its Triton kernel on CUDA when it accepts the inputs, else its reference; this
+        mixer's ``config.backend`` decides) for inputs on ``like``'s device in ``dtype`` (default ``like``'s), when no
+        autograd graph is built and nothing is being compiled; ``None`` otherwise, and the caller runs its PyTorch
+        composition. For the inference-only ops (no backward) around the main one."""
+        from visionfx.kernels.dispatch import choose
+
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        return choose(name, self.config.backend, like.device.type, dtype or like.dtype, self.head_dim, **options)[0]
+
     def backend_info(self, like: torch.Tensor | None = None) -> tuple[str, str]:
         """``(backend, reason)`` for inputs on the device and in the dtype of ``like`` (default: this mixer's first
         parameter); shown by ``visionfx.explain``, which passes the host's weights (a mixer may add no parameters)."""

@@ -40,7 +40,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig, suggest
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
-from visionfx.methods.patch_rows import add_to_patch_rows, depthwise_conv_patch_rows
+from visionfx.methods.patch_rows import add_local_conv, depthwise_conv_patch_rows
 from visionfx.registry import MethodSpec
 
 __all__ = ["InlineConfig", "InlineAttention", "INLINE_KERNELS"]
@@ -142,8 +142,8 @@ class InlineAttention(TokenMixer):
         g = g.to(out_dtype)
         if not self.use_local:
             return g
-        r = self.local_term(v, x, layout).to(out_dtype)
-        return add_to_patch_rows(g, r, P0, inplace=True)
+        kern = self.predict_kernels(x).to(v.dtype)
+        return add_local_conv(self, g, v, kern, None, layout.grid, P0, inplace=True)
 
     def extra_repr(self) -> str:
         c = self.config

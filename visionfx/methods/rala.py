@@ -43,7 +43,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
-from visionfx.methods.patch_rows import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
+from visionfx.methods.patch_rows import add_local_conv, add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
 from visionfx.registry import MethodSpec
 
 __all__ = ["RalaConfig", "RalaAttention", "rala_key_weights", "rope_tables"]
@@ -190,9 +190,7 @@ class RalaAttention(TokenMixer):
         o = self.kernel(q)(
             q, k, v, feature="elu1", normalizer="divisive", key_weights=alpha, rope=rope, eps=self.config.eps
         )
-        w = self.lepe.weight
-        local = depthwise_conv_patch_rows(v.to(w.dtype), w, self.lepe.bias, (H, W), P0).to(o.dtype)
-        return add_to_patch_rows(o, local, P0, inplace=True)
+        return add_local_conv(self, o, v, self.lepe.weight, self.lepe.bias, (H, W), P0, inplace=True)
 
     def post_norm(self, o: torch.Tensor, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """The output gate ``o ⊙ (x W_oᵀ + b_o)``: ``o [B, N, C]``, ``x [B, N, C_in]``."""

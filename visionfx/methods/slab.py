@@ -33,7 +33,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig, suggest
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
-from visionfx.methods.patch_rows import add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
+from visionfx.methods.patch_rows import add_local_conv, add_to_patch_rows, depthwise_conv_patch_rows, grid_constant
 from visionfx.methods.prepbn import PRepBNConfig, missing_steps_message
 from visionfx.registry import MethodSpec
 
@@ -143,10 +143,10 @@ class SlabAttention(TokenMixer):
             q, v = q.to(k.dtype), v.to(k.dtype)
         with torch.autocast(q.device.type, enabled=False):  # §5.5: fp32 even under autocast
             o = self.kernel(q)(q, k, v, feature="relu", normalizer="divisive", eps=self.config.eps)
-        w = self.dwc.weight
-        # v in the weights' dtype directly: the detour through k's dtype (a superset of v's) changes no value
-        local = depthwise_conv_patch_rows(v_in.to(w.dtype), w.repeat(h, 1, 1, 1), self.dwc.bias.repeat(h), (H, W), P0)
-        return add_to_patch_rows(o, local, P0, inplace=True).to(out_dtype)
+        # v convolved in the weights' dtype directly: the detour through k's dtype (a superset of v's) changes no value
+        o = add_local_conv(self, o, v_in, self.dwc.weight.repeat(h, 1, 1, 1), self.dwc.bias.repeat(h), (H, W), P0,
+                           inplace=True)
+        return o.to(out_dtype)
 
 
 METHOD = MethodSpec(

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionfx.config import AttentionConfig
-from visionfx.kernels.dispatch import choose, preload
+from visionfx.kernels.dispatch import preload
 from visionfx.kernels.vig_gates.reference import vig_gates_reference
 from visionfx.kernels.vig_output.reference import host_segments, normed_mix
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
@@ -228,18 +228,10 @@ class VigAttention(TokenMixer):
         in xs's token order: two views of one ``[B, N, 2, h, d]`` buffer."""
         B, N, _ = xs.shape
         up, z = self.gate_up, self.gate_down(xs)
-        fn = self._inference_op("vig_gates", z) or vig_gates_reference
+        fn = self.inference_op("vig_gates", z) or vig_gates_reference
         a = fn(z, up.weight, up.bias, self.config.gate_normalizer)
         a = a.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return a[0], a[1]
-
-    def _inference_op(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None):
-        """Op ``name``'s function for inputs on ``like``'s device in ``dtype`` (default ``like``'s): a fused Triton
-        kernel on CUDA, else its reference, when no autograd graph is built and nothing is being compiled; ``None``
-        otherwise (the caller runs the PyTorch composition)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return None
-        return choose(name, self.config.backend, like.device.type, dtype or like.dtype, self.head_dim)[0]
 
     def forward(self, q, k, v, x, layout: TokenLayout):
         """``q, k, v [B, h, N, d]`` and ``x`` = xs ``[B, N, C]``, all in scan order (see :meth:`pre_qkv`) -> y
@@ -256,7 +248,7 @@ class VigAttention(TokenMixer):
         m = scan_index(P, cfg.prefix_position)
         logits = self.mix(xs)
         # inference: one fused kernel on CUDA (kernels/vig_output), else the reference's three direct writes
-        fn = self._inference_op("vig_output", o, torch.promote_types(o.dtype, xs.dtype))
+        fn = self.inference_op("vig_output", o, torch.promote_types(o.dtype, xs.dtype))
         if fn is not None:
             return fn(o, xs, logits, self.norm_o, self.norm_l, eps=cfg.rms_eps, num_prefix=P0, scan_index=m,
                       silu=cfg.out_act)
