@@ -35,7 +35,8 @@ Differences from the official code, and choices the paper leaves open:
   and interpolation above up to rounding.
 * The DWC runs channels-last on the token layout (:func:`~visionfx.methods.patch_rows.depthwise_conv_patch_rows`) and is
   added in place to the op's output when autograd does not need it (the Triton op keeps its output for the
-  backward), else as a zero-prefix term in one addition; the V shortcut is one fused ``o + λ·v``.
+  backward), else as a zero-prefix term in one addition; at inference both happen in one pass, the fused
+  ``patch_dwconv`` op (:func:`~visionfx.methods.patch_rows.add_local_conv`); the V shortcut is one fused ``o + λ·v``.
 * AgentSD's ToMe-cluster agents (``agent_source="merge"`` in METHODS.md §2.4) are not implemented: ``agentsd`` uses
   pooled queries (spatial-bin centroids).
 """

@@ -26,7 +26,8 @@ Decisions where the paper and official code are silent (METHODS.md §12, items 7
 Memory traffic: the convolution runs channels-last on ``[1, H, W, B·C]`` memory (one copy of V's patch rows with
 contiguous channel runs, no NCHW transposes; :func:`~visionfx.methods.patch_rows.depthwise_conv_patch_rows`) and is
 added in place to the patch rows of the op's output (the op keeps only its inputs for the backward), whose token
-layout lets the heads merge without a copy. The predictor's grouped 1×1 convolutions run as batched matrix products on the
+layout lets the heads merge without a copy; at inference the fused ``patch_dwconv`` op does both in one pass
+(:func:`~visionfx.methods.patch_rows.add_local_conv`). The predictor's grouped 1×1 convolutions run as batched matrix products on the
 same parameters (one launch each instead of a convolution with layout conversions).
 """
 

@@ -30,7 +30,8 @@ Decisions where the paper and official code are silent (METHODS.md §12, items 9
 
 Memory traffic: LePE (and CPE) run channels-last on the token layout
 (:func:`~visionfx.methods.patch_rows.depthwise_conv_patch_rows`); LePE is added in place to the patch rows of the op's
-output (the op keeps only its inputs), CPE as a zero-prefix term added once, never by concatenation.
+output (the op keeps only its inputs), in one fused pass at inference (``patch_dwconv``,
+:func:`~visionfx.methods.patch_rows.add_local_conv`); CPE as a zero-prefix term added once, never by concatenation.
 """
 
 from __future__ import annotations
