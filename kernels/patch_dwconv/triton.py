@@ -59,6 +59,9 @@ def _dwconv_add(O, V, Wt, Bias, Y, N, P0, H, W, row0, w_b,
 
 
 def patch_dwconv_triton(o, v, weight, bias, *, grid, num_prefix_tokens, inplace=False):
+    """See :func:`.reference.patch_dwconv_reference`. Inputs with any strides (a last dim that is not contiguous is
+    copied); the sum is formed in fp32 and rounded once into ``o``'s dtype. Out of place the result is token-layout
+    memory; in place only the patch rows of ``o`` are written."""
     B, h, N, d = o.shape
     P0, (H, W) = int(num_prefix_tokens), (int(grid[0]), int(grid[1]))
     C, ks = h * d, weight.shape[-1]
