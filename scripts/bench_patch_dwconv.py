@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         return 2
     env = environment("cuda")
     ops = op_rows()
-    print("\n| size | batch | local term | composition ms | Triton ms | graph: composition | Triton | x floor | speed-up |")
+    print("\n| size | batch | local term | composition ms | Triton ms | graph: composition | Triton | x floor |"
+          " speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in ops:
         print(f"| {r['size']} | {r['batch']} | {r['config']} | {r['composition_ms']:.3f} | {r['triton_ms']:.3f} | "

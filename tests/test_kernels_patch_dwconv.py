@@ -14,8 +14,6 @@ triton = pytest.importorskip("triton")
 from visionfx.kernels.patch_dwconv.reference import patch_dwconv_reference  # noqa: E402
 from visionfx.kernels.patch_dwconv.triton import patch_dwconv_triton  # noqa: E402
 
-F64 = torch.float64
-
 
 def make(B, h, d, grid, P0, ks, per_sample, with_bias, seed=0, dtype=torch.float32):
     H, W = grid

@@ -2,9 +2,11 @@
 convolution of V's patch rows over the token grid (zero padding ``k // 2``), added to the patch rows of the op's
 output; prefix rows (CLS, registers) get nothing.
 
-Per sample ``b``, patch ``(y, x)`` (token ``n = P0 + y·W + x``) and channel ``c = g·d + e`` (head ``g``, column ``e``)::
+Per sample ``b``, patch ``(y, x)`` (token ``n = P0 + y·W + x``) and channel ``c = g·d + e`` (head ``g``,
+column ``e``)::
 
-    out[b, g, n, e] = o[b, g, n, e] + bias[c] + Σ_{i,j < k} w[c, i, j] · v[b, g, P0 + (y+i−k//2)·W + (x+j−k//2), e]
+    out[b, g, n, e] = o[b, g, n, e] + bias[c]
+                      + Σ_{i,j < k} w[c, i, j] · v[b, g, P0 + (y+i−k//2)·W + (x+j−k//2), e]
 
 with the terms whose neighbour falls outside the grid left out, ``w`` shared by the batch (``[C, 1, k, k]``) or one
 kernel per sample (``[B, C, k, k]``, inline's predicted kernels).

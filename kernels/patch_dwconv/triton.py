@@ -36,7 +36,8 @@ def _dwconv_add(O, V, Wt, Bias, Y, N, P0, H, W, row0, w_b,
     ty = t // W
     tx = t - ty * W
     c = g * D + e
-    # the neighbour (i, j) of token n is token n + (i − k//2)·W + (j − k//2): one scalar offset from the same pointers
+    # the neighbour (i, j) of token n is token n + (i − k//2)·W + (j − k//2): one scalar offset from the same
+    # pointers
     ptr = V + bb * v_b + g * v_h + n[:, None] * v_n + e[None, :]
     wbase = Wt + bb * w_b + c * (KS * KS)
     acc = tl.zeros([BLOCK_T, BD], tl.float32)

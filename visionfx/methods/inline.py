@@ -27,8 +27,8 @@ Memory traffic: the convolution runs channels-last on ``[1, H, W, B·C]`` memory
 contiguous channel runs, no NCHW transposes; :func:`~visionfx.methods.patch_rows.depthwise_conv_patch_rows`) and is
 added in place to the patch rows of the op's output (the op keeps only its inputs for the backward), whose token
 layout lets the heads merge without a copy; at inference the fused ``patch_dwconv`` op does both in one pass
-(:func:`~visionfx.methods.patch_rows.add_local_conv`). The predictor's grouped 1×1 convolutions run as batched matrix products on the
-same parameters (one launch each instead of a convolution with layout conversions).
+(:func:`~visionfx.methods.patch_rows.add_local_conv`). The predictor's grouped 1×1 convolutions run as batched matrix
+products on the same parameters (one launch each instead of a convolution with layout conversions).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torch import nn
 
 from visionfx.config import AttentionConfig, suggest
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
-from visionfx.methods.patch_rows import add_local_conv, depthwise_conv_patch_rows
+from visionfx.methods.patch_rows import add_local_conv
 from visionfx.registry import MethodSpec
 
 __all__ = ["InlineConfig", "InlineAttention", "INLINE_KERNELS"]
@@ -124,11 +124,6 @@ class InlineAttention(TokenMixer):
         kappa = _grouped_pointwise(F.gelu(_grouped_pointwise(m, self.pred_fc1)), self.pred_fc2)  # [B, k²C]
         ks = self.config.local_kernel
         return kappa.reshape(x.shape[0], -1, ks, ks)
-
-    def local_term(self, v: torch.Tensor, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """The dynamic convolution of the patch rows of V: ``v [B, h, N, d]`` -> ``[B, h, H·W, d]``."""
-        kern = self.predict_kernels(x).to(v.dtype)  # [B, C, k, k]
-        return depthwise_conv_patch_rows(v, kern, None, layout.grid, layout.num_prefix_tokens)
 
     def forward(self, q, k, v, x, layout: TokenLayout):
         """``q, k, v [B, h, N, d]``, ``x [B, N, C_in]`` -> ``[B, h, N, d]``."""
