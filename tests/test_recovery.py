@@ -383,6 +383,78 @@ def test_unlabeled_data_distils_without_cross_entropy():
     assert all("kd" in h and "ce" not in h for h in hist) and res.top1["final"] is None
 
 
+def _block_and_attention_outputs(model, x):
+    """Each block's and each block's attention output of a timm ViT, by running its blocks one by one."""
+    h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    blocks, attns = [], []
+    for block in model.blocks:
+        attns.append(block.attn(block.norm1(h)))
+        h = block(h)
+        blocks.append(h)
+    return {"block": blocks, "attention": attns}
+
+
+@pytest.mark.parametrize("site", ["block", "attention"])
+def test_feature_term_matches_per_layer_relative_error(site):
+    from visionfx.recovery.finetune import DistillationLoss, feature_taps
+
+    teacher = tiny_vit(depth=3)
+    student = visionfx.patch(copy.deepcopy(teacher), "vig")
+    x = torch.randn(4, 3, 32, 32)
+    taps = feature_taps(student, teacher, site)
+    loss_fn = DistillationLoss(student, teacher, ce_weight=0.0, feature_weight=0.5, taps=taps)
+    loss, metrics = loss_fn(x, None)
+    assert all(o is None for tap in taps for o in tap.outputs)  # taken: no graph outlives the step
+    with torch.no_grad():
+        s, t = (_block_and_attention_outputs(m, x)[site] for m in (student, teacher))
+        want = sum(((a.double() - b.double()) ** 2).mean() / (b.double() ** 2).mean() for a, b in zip(s, t)) / 3
+    assert float(metrics["feature"]) == pytest.approx(float(want), rel=1e-5) and float(want) > 1e-3
+    assert float(loss) == pytest.approx(float(metrics["kd"] + 0.5 * metrics["feature"]), rel=1e-6)
+    for tap in taps:
+        tap.remove()
+    assert not any(m._forward_hooks for model in (student, teacher) for m in model.modules())
+
+
+def test_feature_term_is_zero_for_identical_models_and_taps_need_a_match():
+    from visionfx.recovery.finetune import DistillationLoss, feature_taps
+
+    student = visionfx.patch(tiny_vit(), "slab")
+    teacher = copy.deepcopy(student)
+    _, metrics = DistillationLoss(student, teacher, feature_weight=1.0,
+                                  taps=feature_taps(student, teacher, "attention"))(torch.randn(2, 3, 32, 32), None)
+    assert float(metrics["feature"]) == 0.0
+    with pytest.raises(ValueError, match="feature_site must be"):
+        feature_taps(student, teacher, "mlp")
+    with pytest.raises(ValueError, match="teacher has no module"):
+        feature_taps(student, tiny_vit(depth=1), "attention")
+    with pytest.raises(ValueError, match="needs the taps"):
+        DistillationLoss(student, teacher, feature_weight=1.0)
+    with pytest.raises(ValueError, match="did you mean 'block'"):
+        DistillConfig(feature_site="blocks")
+
+
+def _feature_error(model, teacher, x, site="block"):
+    with torch.no_grad():
+        s, t = (_block_and_attention_outputs(m, x)[site] for m in (model, teacher))
+    return sum(float(((a - b) ** 2).mean() / (b ** 2).mean()) for a, b in zip(s, t)) / len(s)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_stage2_feature_distillation_pulls_features_to_the_teacher(compile):
+    teacher = tiny_vit()
+    x = torch.randn(8, 3, 32, 32)
+    errors, logged = [], []
+    for weight in (0.0, 20.0):
+        torch._dynamo.reset()
+        res = distill(copy.deepcopy(teacher), "vig", tiny_data(), stage1_steps=0, stage2_steps=6,
+                      feature_weight=weight, compile=compile and weight > 0, stage2_lr=3e-3, **SMALL)
+        errors.append(_feature_error(res.model, teacher, x))
+        logged.append([h.get("feature") for h in res.log["stages"]["stage2"]["history"]])
+        assert all(not m._forward_hooks for m in res.model.modules())  # the taps are gone with the stage
+    assert errors[1] < 0.5 * errors[0]
+    assert logged[0] == [None] * 6 and all(f > 0 for f in logged[1])
+
+
 def test_distill_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="already patched"):
         distill(visionfx.patch(tiny_vit(), "slab"), "slab", tiny_data(), **SMALL)

@@ -125,6 +125,9 @@ def check_mixed_precision(value) -> None:
            f"mixed_precision must be one of {MIXED_PRECISION}, got {value!r}{suggest(str(value), MIXED_PRECISION)}")
 
 
+FEATURE_SITES = ("attention", "block")  # what stage 2's feature term matches (DistillConfig.feature_site)
+
+
 @dataclass(frozen=True)
 class DistillConfig(Recipe):
     """Recovery of a patched model's accuracy (METHODS.md §10): attention transfer, then fine-tuning with logit
@@ -146,6 +149,9 @@ class DistillConfig(Recipe):
         temperature: T of the distillation ``T²·KL(softmax(t/T) || softmax(s/T))``.
         kd_weight, ce_weight: weights of the distillation loss and of the cross-entropy on labels (when the data has
             labels); ``label_smoothing`` applies to the latter.
+        feature_weight: weight of the per-layer feature distillation term (0: off): each patched site's output
+            (``feature_site="attention"``) or its block's output (``"block"``) matched to the teacher's, as the mean
+            over layers of the squared error relative to the teacher's power.
         prepbn_steps: PRepBN's λ schedule length in training forwards (``None``: 0.8 × stage-2 steps × grad_accum).
         recalibrate_steps: batches for ``visionfx.recalibrate_bn`` after stage 2 when the model has PRepBN norms.
         reparameterize: fold PRepBN into the following Linears at the end (``visionfx.reparameterize``).
@@ -187,6 +193,8 @@ class DistillConfig(Recipe):
     kd_weight: float = 1.0
     ce_weight: float = 1.0
     label_smoothing: float = 0.0
+    feature_weight: float = 0.0
+    feature_site: str = "block"
     prepbn_steps: int | None = None
     recalibrate_steps: int = 50
     reparameterize: bool = False
@@ -218,10 +226,13 @@ class DistillConfig(Recipe):
                                "keep_checkpoints", "log_every", "calibrate_steps"),
                      positive=("stage1_lr", "stage2_lr", "temperature"),
                      nonnegative=("stage1_weight_decay", "stage2_weight_decay", "stage2_added_lr_mult", "kd_weight",
-                                  "ce_weight", "grad_clip", "mixup_alpha", "cutmix_alpha"),
+                                  "ce_weight", "feature_weight", "grad_clip", "mixup_alpha", "cutmix_alpha"),
                      fractions=("stage1_warmup", "stage2_warmup", "label_smoothing", "mix_prob"))
         hint = suggest(str(self.finetune), ["all", "added"])
         _check(self.finetune in ("all", "added"), f"finetune must be 'all' or 'added', got {self.finetune!r}{hint}")
+        _check(self.feature_site in FEATURE_SITES,
+               f"feature_site must be 'attention' or 'block', got {self.feature_site!r}"
+               f"{suggest(str(self.feature_site), FEATURE_SITES)}")
         check_mixed_precision(self.mixed_precision)
         _check(self.kd_weight > 0 or self.ce_weight > 0, "kd_weight and ce_weight cannot both be 0")
         _check(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")

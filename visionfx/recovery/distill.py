@@ -36,7 +36,7 @@ from visionfx.recovery.config import DistillConfig
 from visionfx.recovery.data import GpuAugment, ImageData, _seed, load_image_data, tensor_data
 from visionfx.recovery.engine import (RunLog, StageClock, adamw_warmup_cosine, evaluate, latest_checkpoint,
                                       save_checkpoint, start_run, StepBudget, sync_gradients)
-from visionfx.recovery.finetune import DistillationLoss, freeze_teacher, prepbn_norms, recalibrate
+from visionfx.recovery.finetune import DistillationLoss, feature_taps, freeze_teacher, prepbn_norms, recalibrate
 from visionfx.recovery.lora import add_lora, merge_lora
 
 __all__ = ["distill", "DistillResult", "resolve_method", "load_distilled"]
@@ -343,10 +343,13 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
         if found and done_order == 2:
             acc.load_state(str(found[0] / "accelerate"))
             start, clock = int(found[1]["step"]), float(found[1]["clock"])
+        # hooks before compiling, so that the compiled forwards record the features
+        taps = feature_taps(model, teacher, cfg.feature_site) if cfg.feature_weight > 0 else None
         student_fwd = torch.compile(model_p) if cfg.compile else model_p
         teacher_fwd = torch.compile(teacher) if cfg.compile else teacher
         loss_fn = DistillationLoss(student_fwd, teacher_fwd, temperature=cfg.temperature, kd_weight=cfg.kd_weight,
-                                   ce_weight=cfg.ce_weight, label_smoothing=cfg.label_smoothing)
+                                   ce_weight=cfg.ce_weight, label_smoothing=cfg.label_smoothing,
+                                   feature_weight=cfg.feature_weight, taps=taps)
         augment = GpuAugment(data.mean, data.std, crop_padding=cfg.crop_padding, flip=cfg.flip,
                              mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, mix_prob=cfg.mix_prob,
                              num_classes=data.num_classes, seed=_seed(cfg.seed, 2))
@@ -362,6 +365,8 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
 
         run.train("stage2", cfg.stage2_steps, cfg.stage2_batch_size, loss_fn, model_p, opt, sched,
                   [p for _, p in named], augment, start, clock, time_budget=budget, on_fit=fit)
+        for t in taps or ():
+            t.remove()
         model = _release(acc, model_p)
         del model_p, opt, sched, student_fwd, loss_fn
         top1["stage2"] = run.evaluate(model, "stage2", cfg.stage2_steps)
