@@ -30,12 +30,16 @@ class Op:
         reference: the PyTorch reference function.
         triton: ``"module:function"`` of the Triton implementation (same signature), or ``""`` if none yet.
         supports: ``supports(device_type, dtype, head_dim, **options) -> None | str`` (the refusal reason).
+        compiles: the Triton function may be called while ``torch.compile`` traces (it goes through a custom op).
+            The mixers' main ops all do; an inference-only op without it is skipped under compilation (see
+            ``TokenMixer.inference_op``).
     """
 
     name: str
     reference: Callable
     triton: str = ""
     supports: Callable[..., str | None] = lambda *a, **k: None
+    compiles: bool = False
 
 
 _OPS: dict[str, Op] = {}

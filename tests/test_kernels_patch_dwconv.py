@@ -129,3 +129,30 @@ def test_mixers_take_the_op_at_inference_only(method, monkeypatch):
     spy.grids.clear()
     tri(x.clone().requires_grad_()).sum().backward()
     assert spy.grids == []
+
+
+@pytest.mark.parametrize("method", ["slab", "inline"])
+def test_compiled_inference_takes_the_op_in_one_graph(method, monkeypatch):
+    """Compiled without autograd, the local term is the custom op ``visionfx::patch_dwconv``: one graph (fullgraph),
+    one kernel launch per layer at run time, the eager output; compiled with autograd it is the composition."""
+    from test_slab_glue import _patched
+
+    from families import FAMILIES
+    from visionfx.kernels.patch_dwconv import triton as dwc_triton
+
+    spy = _Spy(dwc_triton._dwconv_add)
+    monkeypatch.setattr(dwc_triton, "_dwconv_add", spy)
+    tri = _patched(method, "triton")
+    x = FAMILIES["vit"].inputs(0)[0][:2]
+    torch._dynamo.reset()
+    compiled = torch.compile(tri, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        want = tri(x)
+        spy.grids.clear()
+        got = compiled(x)
+    assert len(spy.grids) == len(tri.blocks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    spy.grids.clear()
+    torch._dynamo.reset()
+    compiled(x.clone().requires_grad_()).sum().backward()
+    assert spy.grids == []

@@ -26,5 +26,6 @@ register_op(
         agent_attention_reference,
         triton="visionfx.kernels.agent_attention.triton:agent_attention_triton",
         supports=_supports,
+        compiles=True,
     )
 )

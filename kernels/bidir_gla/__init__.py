@@ -17,5 +17,6 @@ def _supports(device_type, dtype, head_dim, **options):
 
 
 register_op(
-    Op("bidir_gla", bidir_gla_reference, triton="visionfx.kernels.bidir_gla.triton:bidir_gla_triton", supports=_supports)
+    Op("bidir_gla", bidir_gla_reference, triton="visionfx.kernels.bidir_gla.triton:bidir_gla_triton", supports=_supports,
+       compiles=True)
 )

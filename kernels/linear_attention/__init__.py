@@ -52,5 +52,6 @@ register_op(
         linear_attention_reference,
         triton="visionfx.kernels.linear_attention.triton:linear_attention_triton",
         supports=supports,
+        compiles=True,
     )
 )

@@ -1,6 +1,6 @@
 """The mixers' local term on the patch grid (slab, inline, rala, agent): ``o`` plus a depthwise convolution of V's
-patch rows, in one pass at inference (training and ``torch.compile`` run the PyTorch composition, which autograd and
-Inductor handle)."""
+patch rows, in one pass at inference, eager or compiled (a custom op under ``torch.compile``); training runs the
+PyTorch composition, which autograd handles."""
 
 import torch
 
@@ -24,4 +24,5 @@ def _supports(device_type, dtype, head_dim, kernel_size=3, **options):
 
 
 register_op(Op("patch_dwconv", patch_dwconv_reference,
-               triton="visionfx.kernels.patch_dwconv.triton:patch_dwconv_triton", supports=_supports))
+               triton="visionfx.kernels.patch_dwconv.triton:patch_dwconv_triton", supports=_supports,
+               compiles=True))

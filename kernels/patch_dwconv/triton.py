@@ -6,11 +6,16 @@ the neighbours' V rows (masked at the grid's edges; they come from L1/L2, each r
 The PyTorch composition copies V's patch rows into a channels-last tensor, convolves it into another and adds that
 to the output's patch rows through strided views: about seven activations of traffic and three launches against three
 activations and one launch here (ViT-S/16 at 224², B = 256, on the H200: docs/benchmarks.md, twelfth series). No
-backward: the mixers use it without autograd only.
+backward: the mixers use it without autograd only. Under ``torch.compile`` it is the custom op
+``visionfx::patch_dwconv`` (one opaque node, out of place: the result is a new token-layout tensor and ``o`` is left
+as it is, whatever ``inplace`` says).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
@@ -62,7 +67,7 @@ def _dwconv_add(O, V, Wt, Bias, Y, N, P0, H, W, row0, w_b,
 def patch_dwconv_triton(o, v, weight, bias, *, grid, num_prefix_tokens, inplace=False):
     """See :func:`.reference.patch_dwconv_reference`. Inputs with any strides (a last dim that is not contiguous is
     copied); the sum is formed in fp32 and rounded once into ``o``'s dtype. Out of place the result is token-layout
-    memory; in place only the patch rows of ``o`` are written."""
+    memory; in place only the patch rows of ``o`` are written (eager calls only: see the module docstring)."""
     B, h, N, d = o.shape
     P0, (H, W) = int(num_prefix_tokens), (int(grid[0]), int(grid[1]))
     C, ks = h * d, weight.shape[-1]
@@ -73,6 +78,8 @@ def patch_dwconv_triton(o, v, weight, bias, *, grid, num_prefix_tokens, inplace=
     shared = weight.dim() == 4 and weight.shape[1] == 1 and weight.shape[0] == C
     if weight.dim() != 4 or ks % 2 == 0 or weight.shape[-2] != ks or not (shared or tuple(weight.shape[:2]) == (B, C)):
         raise ValueError(f"weight must be [{C}, 1, k, k] or [{B}, {C}, k, k] with k odd, got {tuple(weight.shape)}")
+    if torch.compiler.is_compiling():
+        return _dwconv_op(o, v, weight, bias, H, W, P0)
     w = weight.reshape(-1, C, ks * ks).contiguous()
     b = bias.contiguous() if bias is not None else w  # w: a placeholder the kernel never reads
     v = v if v.stride(-1) == 1 else v.contiguous()
@@ -93,3 +100,15 @@ def patch_dwconv_triton(o, v, weight, bias, *, grid, num_prefix_tokens, inplace=
         o.copy_(y)
         return o
     return y
+
+
+@torch.library.custom_op("visionfx::patch_dwconv", mutates_args=())
+def _dwconv_op(o: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], H: int, W: int,
+               P0: int) -> torch.Tensor:
+    return patch_dwconv_triton(o, v, weight, bias, grid=(H, W), num_prefix_tokens=P0, inplace=False)
+
+
+@_dwconv_op.register_fake
+def _dwconv_fake(o, v, weight, bias, H, W, P0):
+    B, h, N, d = o.shape
+    return o.new_empty((B, N, h, d)).transpose(1, 2)

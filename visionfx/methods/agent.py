@@ -209,6 +209,7 @@ class AgentAttention(TokenMixer):
 
     method = "agent"
     op = "agent_attention"
+    inference_ops = ("patch_dwconv",)
 
     def __init__(self, config: AgentConfig, host: HostInfo):
         super().__init__(config, host)

@@ -110,10 +110,12 @@ class TokenMixer(nn.Module):
         self.num_heads = host.num_heads
         self.head_dim = host.head_dim
         self.scale = host.scale
-        if self.op and config.backend != "reference":
+        ops = [name for name in (self.op, *self.inference_ops) if name]
+        if ops and config.backend != "reference":
             from visionfx.kernels.dispatch import preload
 
-            preload(self.op)  # a model compiled before its first eager call then traces no import
+            for name in ops:
+                preload(name)  # a model compiled before its first eager call then traces no import
 
     def pre_qkv(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Transform the layer input ``x [B, N, C_in]`` before the host's qkv projection."""
@@ -134,6 +136,8 @@ class TokenMixer(nn.Module):
 
     #: the kernels/ op carrying this mixer's global term, for dispatch and ``explain``
     op: str = ""
+    #: the inference-only kernels/ ops the mixer calls through :meth:`inference_op`
+    inference_ops: tuple[str, ...] = ()
 
     def op_options(self) -> dict:
         """Options of :attr:`op` that decide whether its kernel supports this layer (passed to ``supports``)."""
@@ -148,11 +152,12 @@ class TokenMixer(nn.Module):
     def inference_op(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None, **options):
         """Op ``name``'s function (its Triton kernel on CUDA when it accepts the inputs, else its reference; this
         mixer's ``config.backend`` decides) for inputs on ``like``'s device in ``dtype`` (default ``like``'s), when no
-        autograd graph is built and nothing is being compiled; ``None`` otherwise, and the caller runs its PyTorch
-        composition. For the inference-only ops (no backward) around the main one."""
-        from visionfx.kernels.dispatch import choose
+        autograd graph is built, and under ``torch.compile`` only for an op that compiles (``Op.compiles``); ``None``
+        otherwise, and the caller runs its PyTorch composition. For the inference-only ops (no backward) around the
+        main one."""
+        from visionfx.kernels.dispatch import choose, get_op
 
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or (torch.compiler.is_compiling() and not get_op(name).compiles):
             return None
         return choose(name, self.config.backend, like.device.type, dtype or like.dtype, self.head_dim, **options)[0]
 

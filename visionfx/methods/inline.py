@@ -85,6 +85,7 @@ class InlineAttention(TokenMixer):
 
     method = "inline"
     op = "linear_attention"
+    inference_ops = ("patch_dwconv",)
     reads_input = True
 
     def __init__(self, config: InlineConfig, host: HostInfo):

@@ -140,6 +140,7 @@ class RalaAttention(TokenMixer):
 
     method = "rala"
     op = "linear_attention"
+    inference_ops = ("patch_dwconv",)
     reads_input = True
 
     def __init__(self, config: RalaConfig, host: HostInfo):

@@ -117,6 +117,7 @@ class SlabAttention(TokenMixer):
 
     method = "slab"
     op = "linear_attention"
+    inference_ops = ("patch_dwconv",)
 
     def __init__(self, config: SlabConfig, host: HostInfo):
         super().__init__(config, host)

@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionfx.config import AttentionConfig
-from visionfx.kernels.dispatch import preload
 from visionfx.kernels.vig_gates.reference import vig_gates_reference
 from visionfx.kernels.vig_output.reference import host_segments, normed_mix
 from visionfx.methods.base import HostInfo, TokenLayout, TokenMixer
@@ -158,13 +157,11 @@ class VigAttention(TokenMixer):
 
     method = "vig"
     op = "bidir_gla"
+    inference_ops = ("vig_gates", "vig_output")
     reads_input = True
 
     def __init__(self, config: VigConfig, host: HostInfo):
         super().__init__(config, host)
-        if config.backend != "reference":
-            preload("vig_gates")
-            preload("vig_output")
         if host.dim != host.attn_dim:
             raise ValueError(
                 f"vig mixes the attention output with the (convolved) layer input per head, so the host's attn_dim "
