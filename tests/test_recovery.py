@@ -409,7 +409,7 @@ def test_feature_term_matches_per_layer_relative_error(site):
         s, t = (_block_and_attention_outputs(m, x)[site] for m in (student, teacher))
         want = sum(((a.double() - b.double()) ** 2).mean() / (b.double() ** 2).mean() for a, b in zip(s, t)) / 3
     assert float(metrics["feature"]) == pytest.approx(float(want), rel=1e-5) and float(want) > 1e-3
-    assert float(loss) == pytest.approx(float(metrics["kd"] + 0.5 * metrics["feature"]), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(metrics["kd"] + 0.5 * metrics["feature"]), rel=1e-6)
     for tap in taps:
         tap.remove()
     assert not any(m._forward_hooks for model in (student, teacher) for m in model.modules())
