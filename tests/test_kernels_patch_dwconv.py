@@ -59,6 +59,27 @@ def test_kernel_and_reference_match_loops(case, inplace):
         torch.testing.assert_close(y[:, :, :P0], before[:, :, :P0], rtol=0, atol=0)  # prefix rows untouched
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_head_shared_kernels_match_loops(inplace, with_bias):
+    """``[d, 1, k, k]`` weights and a ``[d]`` bias (slab's kernel, shared by the heads) read per head: the same as
+    the repeated ``[h·d, 1, k, k]`` kernel."""
+    B, h, d, grid, P0, ks = 2, 3, 8, (5, 4), 1, 5
+    o, v, _, _ = make(B, h, d, grid, P0, ks, False, False)
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(d, 1, ks, ks, generator=g)
+    bias = torch.randn(d, generator=g) if with_bias else None
+    want = o.double().clone()
+    want[:, :, P0:] += naive_dwc(v, weight.repeat(h, 1, 1, 1)[:, 0], None if bias is None else bias.repeat(h), P0,
+                                 *grid)
+    for fn in (patch_dwconv_triton, patch_dwconv_reference):
+        target = o.clone()
+        y = fn(target, v, weight, bias, grid=grid, num_prefix_tokens=P0, inplace=inplace)
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5, msg=fn.__name__)
+    with pytest.raises(ValueError, match=r"bias must be \[8\]"):
+        patch_dwconv_triton(o, v, weight, torch.zeros(h * d), grid=grid, num_prefix_tokens=P0)
+
+
 def test_kernel_rounds_once_into_the_output_dtype():
     """fp16 output and v, fp32 weights (a model under autocast): the sum is formed in fp32 and rounded once."""
     o, v, weight, bias = make(2, 2, 16, (4, 4), 1, 3, False, True)

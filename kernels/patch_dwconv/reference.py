@@ -8,8 +8,9 @@ column ``e``)::
     out[b, g, n, e] = o[b, g, n, e] + bias[c]
                       + Σ_{i,j < k} w[c, i, j] · v[b, g, P0 + (y+i−k//2)·W + (x+j−k//2), e]
 
-with the terms whose neighbour falls outside the grid left out, ``w`` shared by the batch (``[C, 1, k, k]``) or one
-kernel per sample (``[B, C, k, k]``, inline's predicted kernels).
+with the terms whose neighbour falls outside the grid left out, ``w`` shared by the batch (``[C, 1, k, k]``), shared by
+the batch and the heads (``[d, 1, k, k]`` with a ``[d]`` bias, slab's kernel: channel ``c`` uses ``w[c mod d]``) or
+one kernel per sample (``[B, C, k, k]``, inline's predicted kernels).
 
 Memory traffic: the convolution runs channels-last on the patch rows (``[B, H, W, h·d]``, the token layout, or
 ``[1, H, W, B·h·d]`` for per-sample kernels) and its result is a view of token-layout memory, so adding it to a
@@ -80,13 +81,17 @@ def patch_dwconv_reference(o: torch.Tensor, v: torch.Tensor, weight: torch.Tenso
     Args:
         o: ``[B, h, N, d]``, the op's output (any strides).
         v: ``[B, h, N, d]``, any strides.
-        weight: ``[h·d, 1, k, k]`` or ``[B, h·d, k, k]``, ``k`` odd; the convolution runs in its dtype.
-        bias: ``[h·d]`` or ``None``.
+        weight: ``[h·d, 1, k, k]``, ``[d, 1, k, k]`` (shared by the heads) or ``[B, h·d, k, k]``, ``k`` odd; the
+            convolution runs in its dtype.
+        bias: ``[h·d]`` (``[d]`` with head-shared weights) or ``None``.
         grid: ``(H, W)``, ``H·W = N − num_prefix_tokens``.
         inplace: add into ``o`` (where autograd does not keep ``o``) instead of returning a new tensor in its layout.
 
     Returns:
         ``[B, h, N, d]`` in the dtype of ``o``.
     """
+    h, d = v.shape[1], v.shape[3]
+    if h > 1 and weight.dim() == 4 and tuple(weight.shape[:2]) == (d, 1):  # shared by the heads
+        weight, bias = weight.repeat(h, 1, 1, 1), None if bias is None else bias.repeat(h)
     local = depthwise_conv_patch_rows(v.to(weight.dtype), weight, bias, grid, num_prefix_tokens)
     return add_to_patch_rows(o, local, num_prefix_tokens, inplace)

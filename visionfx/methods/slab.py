@@ -12,7 +12,7 @@ is cast back to the input dtype once, at the end.
 
 Memory traffic: the position term is padded with zero rows for the prefix tokens and added to all of k in one op (no
 concatenation); the DWC runs channels-last on the patch rows of V (``[B, H, W, h·d]``, the token layout) with the
-head-shared kernel repeated per head (``groups = h·d``), and its result is added in place to the patch rows of the
+head-shared kernel repeated per head (``groups = h·d``; the fused op reads it per head instead), and its result is added in place to the patch rows of the
 op's output, which the op does not keep for its backward; at inference both happen in one pass, the fused
 ``patch_dwconv`` op (:func:`~visionfx.methods.patch_rows.add_local_conv`). The Triton op writes its output in the
 token layout, so the heads merge without a copy. :mod:`visionfx.methods.patch_rows` holds these helpers (re-exported
@@ -146,8 +146,7 @@ class SlabAttention(TokenMixer):
         with torch.autocast(q.device.type, enabled=False):  # §5.5: fp32 even under autocast
             o = self.kernel(q)(q, k, v, feature="relu", normalizer="divisive", eps=self.config.eps)
         # v convolved in the weights' dtype directly: the detour through k's dtype (a superset of v's) changes no value
-        o = add_local_conv(self, o, v_in, self.dwc.weight.repeat(h, 1, 1, 1), self.dwc.bias.repeat(h), (H, W), P0,
-                           inplace=True)
+        o = add_local_conv(self, o, v_in, self.dwc.weight, self.dwc.bias, (H, W), P0, inplace=True)  # head-shared
         return o.to(out_dtype)
 
 
