@@ -95,6 +95,30 @@ def test_mixer_uses_the_op_without_autograd_only(monkeypatch):
     torch.testing.assert_close(y.detach(), y_ng, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_mixer_takes_both_ops_in_one_graph(monkeypatch):
+    """Compiled without autograd (fullgraph), the vig mixer's gates and output stage are the custom ops
+    ``visionfx::vig_gates`` and ``visionfx::vig_output``: each kernel launched once at run time, the eager output."""
+    import visionfx.kernels.vig_gates.triton as kg
+    import visionfx.kernels.vig_output.triton as kv
+    from test_kernels_bidir_gla import Launches
+    from test_vig import build_layer
+    from visionfx.methods.vig import VigConfig
+
+    layer = build_layer(VigConfig(backend="triton"), 16, 2, (3, 4), 1, seed=2).float()
+    layer.vfx_mixer.kernel = lambda t: (lambda q, k, v, gf, gb, scale: q * scale + gf + gb)  # no GLA op here
+    x = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = layer(x)
+    launches = {name: Launches(getattr(mod, name)) for mod, name in ((kv, "_vig_output"), (kg, "_vig_gates"))}
+    monkeypatch.setattr(kv, "_vig_output", launches["_vig_output"])
+    monkeypatch.setattr(kg, "_vig_gates", launches["_vig_gates"])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    assert [len(v.args) for v in launches.values()] == [1, 1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_gpu(dtype):

@@ -1,5 +1,5 @@
-"""vig's log-decays ``logsigmoid(z W2ᵀ + b2) / n`` from the low-rank gate's input, in fp32 (inference; training runs
-the PyTorch composition)."""
+"""vig's log-decays ``logsigmoid(z W2ᵀ + b2) / n`` from the low-rank gate's input, in fp32 (inference, eager or
+compiled; training runs the PyTorch composition)."""
 
 import torch
 
@@ -16,4 +16,4 @@ def _supports(device_type, dtype, head_dim, **options):
 
 
 register_op(Op("vig_gates", vig_gates_reference, triton="visionfx.kernels.vig_gates.triton:vig_gates_triton",
-               supports=_supports))
+               supports=_supports, compiles=True))

@@ -4,7 +4,8 @@ A program computes a ``[BM, BN]`` tile of ``g = z W2ᵀ + b2`` (a tensor-core pr
 dtype, whose products are exact in the fp32 accumulator; an IEEE fp32 product otherwise) and writes
 ``logsigmoid(g)/n = (min(g, 0) − log1p(exp(−|g|)))/n`` once, in fp32 (no exponential of a positive number). The
 PyTorch composition writes the fp32 logits, reads them back for the softplus and writes the result (ViT-S at 1024²,
-B = 16: 2 × 200 MB more traffic per layer). Used without autograd (inference).
+B = 16: 2 × 200 MB more traffic per layer). Used without autograd (inference); under ``torch.compile`` it is the
+custom op ``visionfx::vig_gates`` (one opaque node).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def _vig_gates(Z, W, Bias, A, M, NC, R, inv_n, z_m, w_c, a_m,
 
 
 def vig_gates_triton(z, weight, bias, normalizer):
+    if torch.compiler.is_compiling():
+        return _gates_op(z, weight, bias, float(normalizer))
     lead, r = z.shape[:-1], z.shape[-1]
     z2 = z.reshape(-1, r)
     if z2.stride(-1) != 1:
@@ -54,3 +57,13 @@ def vig_gates_triton(z, weight, bias, normalizer):
         EXACT16=z.dtype == weight.dtype and z.dtype in (torch.bfloat16, torch.float16), num_warps=4,
     )
     return a.view(*lead, NC)
+
+
+@torch.library.custom_op("visionfx::vig_gates", mutates_args=())
+def _gates_op(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, normalizer: float) -> torch.Tensor:
+    return vig_gates_triton(z, weight, bias, normalizer)
+
+
+@_gates_op.register_fake
+def _gates_fake(z, weight, bias, normalizer):
+    return z.new_empty((*z.shape[:-1], weight.shape[0]), dtype=torch.float32)

@@ -1,6 +1,6 @@
 """vig's output stage: per-head RMSNorms of the scan output and the layer input, a sigmoid-gated mix, optional SiLU,
-from scan order into host order (inference; training runs the PyTorch composition, which autograd and
-``torch.compile`` handle)."""
+from scan order into host order (inference, eager or compiled; training runs the PyTorch composition, which autograd
+handles)."""
 
 import torch
 
@@ -19,4 +19,4 @@ def _supports(device_type, dtype, head_dim, **options):
 
 
 register_op(Op("vig_output", vig_output_reference, triton="visionfx.kernels.vig_output.triton:vig_output_triton",
-               supports=_supports))
+               supports=_supports, compiles=True))

@@ -4,7 +4,8 @@ A program owns ``BLOCK_R`` tokens of one head: it reads their scan-output, input
 both per-head RMSNorms (fp32 statistics), the sigmoid gate, the mix and the optional SiLU in fp32, and writes y once,
 at the tokens' host positions. The PyTorch composition reads and writes ``[B, N, C]`` tensors about ten times, and
 PyTorch's RMSNorm over a 64-wide last dimension runs far below bandwidth (0.26 ms per call for ViT-S at 1024², B = 16,
-on the H200); this kernel is used without autograd (inference), the composition otherwise.
+on the H200); this kernel is used without autograd (inference), the composition otherwise. Under ``torch.compile``
+it is the custom op ``visionfx::vig_output`` (one opaque node).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def _vig_output(O, X, LG, WO, WL, Y, N, total, P0, M, eps,
 
 
 def vig_output_triton(o, xs, logits, w_o, w_l, *, eps, num_prefix, scan_index, silu):
+    if torch.compiler.is_compiling():
+        return _output_op(o, xs, logits, w_o, w_l, float(eps), int(num_prefix), int(scan_index), bool(silu))
     B, h, N, d = o.shape
     if o.stride(-1) != 1:
         o = o.contiguous()
@@ -60,3 +63,16 @@ def vig_output_triton(o, xs, logits, w_o, w_l, *, eps, num_prefix, scan_index, s
         D=d, BD=max(16, triton.next_power_of_2(d)), H=h, SILU=bool(silu), BLOCK_R=BLOCK_R, num_warps=4,
     )
     return y
+
+
+@torch.library.custom_op("visionfx::vig_output", mutates_args=())
+def _output_op(o: torch.Tensor, xs: torch.Tensor, logits: torch.Tensor, w_o: torch.Tensor, w_l: torch.Tensor,
+               eps: float, num_prefix: int, scan_index: int, silu: bool) -> torch.Tensor:
+    return vig_output_triton(o, xs, logits, w_o, w_l, eps=eps, num_prefix=num_prefix, scan_index=scan_index,
+                             silu=silu)
+
+
+@_output_op.register_fake
+def _output_fake(o, xs, logits, w_o, w_l, eps, num_prefix, scan_index, silu):
+    B, h, N, d = o.shape
+    return o.new_empty((B, N, h, d), dtype=torch.promote_types(o.dtype, xs.dtype))

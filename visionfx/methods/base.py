@@ -152,14 +152,18 @@ class TokenMixer(nn.Module):
     def inference_op(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None, **options):
         """Op ``name``'s function (its Triton kernel on CUDA when it accepts the inputs, else its reference; this
         mixer's ``config.backend`` decides) for inputs on ``like``'s device in ``dtype`` (default ``like``'s), when no
-        autograd graph is built, and under ``torch.compile`` only for an op that compiles (``Op.compiles``); ``None``
-        otherwise, and the caller runs its PyTorch composition. For the inference-only ops (no backward) around the
-        main one."""
+        autograd graph is built; under ``torch.compile`` only a Triton kernel that compiles (``Op.compiles``). ``None``
+        otherwise, and the caller runs its PyTorch composition (which Inductor fuses). For the inference-only ops (no
+        backward) around the main one."""
         from visionfx.kernels.dispatch import choose, get_op
 
-        if torch.is_grad_enabled() or (torch.compiler.is_compiling() and not get_op(name).compiles):
+        if torch.is_grad_enabled():
             return None
-        return choose(name, self.config.backend, like.device.type, dtype or like.dtype, self.head_dim, **options)[0]
+        fn, backend, _ = choose(name, self.config.backend, like.device.type, dtype or like.dtype, self.head_dim,
+                                **options)
+        if torch.compiler.is_compiling() and not (backend == "triton" and get_op(name).compiles):
+            return None
+        return fn
 
     def backend_info(self, like: torch.Tensor | None = None) -> tuple[str, str]:
         """``(backend, reason)`` for inputs on the device and in the dtype of ``like`` (default: this mixer's first
