@@ -119,11 +119,12 @@ def test_gpu_low_precision_against_fp32_reference(dtype, per_sample):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["inline", "slab", "rala", "agent"])
+@pytest.mark.parametrize("method", ["inline", "slab", "rala", "agent", "vig"])
 def test_gpu_compiled_inference_equals_eager(method):
-    """ViT-S/16 geometry at 224² in bf16 on CUDA, compiled by Inductor without autograd (the local term is the
-    custom op there) against the same model run eagerly: no further apart than the unpatched model's compiled and
-    eager outputs (Inductor rounds the fused glue differently), with a small margin."""
+    """ViT-S/16 geometry at 224² in bf16 on CUDA, compiled by Inductor without autograd (the inference ops are custom
+    ops there: the local term, vig's gates and output stage) against the same model run eagerly: no further apart
+    than the unpatched model's compiled and eager outputs (Inductor rounds the fused glue differently), with a small
+    margin."""
     import timm
 
     import visionfx
