@@ -394,6 +394,13 @@ def _block_and_attention_outputs(model, x):
     return {"block": blocks, "attention": attns}
 
 
+def _feature_error(model, teacher, x, site="block"):
+    """Mean over layers of each layer's squared error relative to the teacher's power, in float64."""
+    with torch.no_grad():
+        s, t = (_block_and_attention_outputs(m, x)[site] for m in (model, teacher))
+    return sum(float(((a.double() - b.double()) ** 2).mean() / (b.double() ** 2).mean()) for a, b in zip(s, t)) / len(s)
+
+
 @pytest.mark.parametrize("site", ["block", "attention"])
 def test_feature_term_matches_per_layer_relative_error(site):
     from visionfx.recovery.finetune import DistillationLoss, feature_taps
@@ -405,10 +412,8 @@ def test_feature_term_matches_per_layer_relative_error(site):
     loss_fn = DistillationLoss(student, teacher, ce_weight=0.0, feature_weight=0.5, taps=taps)
     loss, metrics = loss_fn(x, None)
     assert all(o is None for tap in taps for o in tap.outputs)  # taken: no graph outlives the step
-    with torch.no_grad():
-        s, t = (_block_and_attention_outputs(m, x)[site] for m in (student, teacher))
-        want = sum(((a.double() - b.double()) ** 2).mean() / (b.double() ** 2).mean() for a, b in zip(s, t)) / 3
-    assert float(metrics["feature"]) == pytest.approx(float(want), rel=1e-5) and float(want) > 1e-3
+    want = _feature_error(student, teacher, x, site)
+    assert float(metrics["feature"]) == pytest.approx(want, rel=1e-5) and want > 1e-3
     assert float(loss.detach()) == pytest.approx(float(metrics["kd"] + 0.5 * metrics["feature"]), rel=1e-6)
     for tap in taps:
         tap.remove()
@@ -431,12 +436,6 @@ def test_feature_term_is_zero_for_identical_models_and_taps_need_a_match():
         DistillationLoss(student, teacher, feature_weight=1.0)
     with pytest.raises(ValueError, match="did you mean 'block'"):
         DistillConfig(feature_site="blocks")
-
-
-def _feature_error(model, teacher, x, site="block"):
-    with torch.no_grad():
-        s, t = (_block_and_attention_outputs(m, x)[site] for m in (model, teacher))
-    return sum(float(((a - b) ** 2).mean() / (b ** 2).mean()) for a, b in zip(s, t)) / len(s)
 
 
 @pytest.mark.parametrize("compile", [False, True])

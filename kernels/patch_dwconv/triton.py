@@ -41,7 +41,6 @@ def _dwconv_add(O, V, Wt, Bias, Y, N, P0, H, W, row0, w_b, w_h, b_h,
     patch = rm & (t >= 0)
     ty = t // W
     tx = t - ty * W
-    c = g * D + e
     # the neighbour (i, j) of token n is token n + (i − k//2)·W + (j − k//2): one scalar offset from the same
     # pointers
     ptr = V + bb * v_b + g * v_h + n[:, None] * v_n + e[None, :]

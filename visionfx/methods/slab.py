@@ -12,9 +12,10 @@ is cast back to the input dtype once, at the end.
 
 Memory traffic: the position term is padded with zero rows for the prefix tokens and added to all of k in one op (no
 concatenation); the DWC runs channels-last on the patch rows of V (``[B, H, W, h·d]``, the token layout) with the
-head-shared kernel repeated per head (``groups = h·d``; the fused op reads it per head instead), and its result is added in place to the patch rows of the
+head-shared kernel repeated per head (``groups = h·d``), and its result is added in place to the patch rows of the
 op's output, which the op does not keep for its backward; at inference both happen in one pass, the fused
-``patch_dwconv`` op (:func:`~visionfx.methods.patch_rows.add_local_conv`). The Triton op writes its output in the
+``patch_dwconv`` op (:func:`~visionfx.methods.patch_rows.add_local_conv`), which reads the head-shared kernel as it
+is. The Triton op writes its output in the
 token layout, so the heads merge without a copy. :mod:`visionfx.methods.patch_rows` holds these helpers (re-exported
 here), which the other mixers share.
 
