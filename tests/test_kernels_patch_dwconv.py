@@ -187,7 +187,8 @@ def test_mixers_take_the_op_at_inference_only(method, monkeypatch):
 @pytest.mark.parametrize("method", ["slab", "inline"])
 def test_compiled_inference_takes_the_op_in_one_graph(method, monkeypatch):
     """Compiled without autograd, the local term is the custom op ``visionfx::patch_dwconv``: one graph (fullgraph),
-    one kernel launch per layer at run time, the eager output; compiled with autograd it is the composition."""
+    one kernel launch per layer at run time, the output of the same model on the reference backend (the PyTorch
+    composition); compiled with autograd it is the composition."""
     from test_slab_glue import _patched
 
     from families import FAMILIES
@@ -195,16 +196,15 @@ def test_compiled_inference_takes_the_op_in_one_graph(method, monkeypatch):
 
     spy = _Spy(dwc_triton._dwconv_add)
     monkeypatch.setattr(dwc_triton, "_dwconv_add", spy)
-    tri = _patched(method, "triton")
+    ref, tri = _patched(method, "reference"), _patched(method, "triton")
     x = FAMILIES["vit"].inputs(0)[0][:2]
     torch._dynamo.reset()
     compiled = torch.compile(tri, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        want = tri(x)
-        spy.grids.clear()
+        want = ref(x)
         got = compiled(x)
     assert len(spy.grids) == len(tri.blocks)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     spy.grids.clear()
     torch._dynamo.reset()
     compiled(x.clone().requires_grad_()).sum().backward()

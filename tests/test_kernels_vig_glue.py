@@ -97,18 +97,24 @@ def test_mixer_uses_the_op_without_autograd_only(monkeypatch):
 
 def test_compiled_mixer_takes_both_ops_in_one_graph(monkeypatch):
     """Compiled without autograd (fullgraph), the vig mixer's gates and output stage are the custom ops
-    ``visionfx::vig_gates`` and ``visionfx::vig_output``: each kernel launched once at run time, the eager output."""
+    ``visionfx::vig_gates`` and ``visionfx::vig_output``: each kernel launched once at run time, the output of the
+    same layer on the reference backend (the PyTorch compositions)."""
     import visionfx.kernels.vig_gates.triton as kg
     import visionfx.kernels.vig_output.triton as kv
     from test_kernels_bidir_gla import Launches
     from test_vig import build_layer
     from visionfx.methods.vig import VigConfig
 
-    layer = build_layer(VigConfig(backend="triton"), 16, 2, (3, 4), 1, seed=2).float()
-    layer.vfx_mixer.kernel = lambda t: (lambda q, k, v, gf, gb, scale: q * scale + gf + gb)  # no GLA op here
+    def stand_in(t):  # no GLA op here: a function of all its inputs
+        return lambda q, k, v, gf, gb, scale: q * scale + gf + gb
+
+    layers = [build_layer(VigConfig(backend=b), 16, 2, (3, 4), 1, seed=2).float() for b in ("reference", "triton")]
+    for m in layers:
+        m.vfx_mixer.kernel = stand_in
+    ref, layer = layers
     x = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        want = layer(x)
+        want = ref(x)
     launches = {name: Launches(getattr(mod, name)) for mod, name in ((kv, "_vig_output"), (kg, "_vig_gates"))}
     monkeypatch.setattr(kv, "_vig_output", launches["_vig_output"])
     monkeypatch.setattr(kg, "_vig_gates", launches["_vig_gates"])

@@ -69,10 +69,9 @@ def _bias_args(bias, token_dim: int, q) -> tuple[torch.Tensor, tuple[int, int, i
     sh, sa, sn = bias.stride(0), bias.stride(agent_dim), bias.stride(token_dim)
     padded = triton.cdiv(N, 16) * 16
     last = bias.storage_offset() + (bias.shape[0] - 1) * sh + (bias.shape[agent_dim] - 1) * sa + padded
-    if (sn == 1 and sa % 16 == 0 and sh % 16 == 0 and bias.storage_offset() % 16 == 0
-            and last * bias.element_size() <= bias.untyped_storage().nbytes()):
-        return bias, (sh, sa, sn), padded
-    return bias, (sh, sa, sn), N
+    vectors = (sn == 1 and sa % 16 == 0 and sh % 16 == 0 and bias.storage_offset() % 16 == 0
+               and last * bias.element_size() <= bias.untyped_storage().nbytes())
+    return bias, (sh, sa, sn), padded if vectors else N
 
 
 def _bcast_tiles(bh: int, n: int, block: int, device) -> int:

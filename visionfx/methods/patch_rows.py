@@ -36,7 +36,7 @@ def grid_constant(key: tuple, build):
 def add_local_conv(mixer, o: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    grid: tuple[int, int], num_prefix_tokens: int, inplace: bool) -> torch.Tensor:
     """``o`` plus the depthwise convolution of ``v``'s patch rows (:func:`patch_dwconv_reference` has the contract):
-    at inference one fused pass (``kernels/patch_dwconv``, through ``mixer``'s backend choice), otherwise the
-    channels-last composition, which autograd and ``torch.compile`` handle."""
+    at inference one fused pass (``kernels/patch_dwconv``, through ``mixer``'s backend choice, also compiled), otherwise
+    the channels-last composition, which autograd handles (see :meth:`TokenMixer.inference_op`)."""
     fn = mixer.inference_op("patch_dwconv", o, kernel_size=weight.shape[-1]) or patch_dwconv_reference
     return fn(o, v, weight, bias, grid=grid, num_prefix_tokens=num_prefix_tokens, inplace=inplace)

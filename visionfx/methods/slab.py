@@ -15,9 +15,8 @@ concatenation); the DWC runs channels-last on the patch rows of V (``[B, H, W, h
 head-shared kernel repeated per head (``groups = h·d``), and its result is added in place to the patch rows of the
 op's output, which the op does not keep for its backward; at inference both happen in one pass, the fused
 ``patch_dwconv`` op (:func:`~visionfx.methods.patch_rows.add_local_conv`), which reads the head-shared kernel as it
-is. The Triton op writes its output in the
-token layout, so the heads merge without a copy. :mod:`visionfx.methods.patch_rows` holds these helpers (re-exported
-here), which the other mixers share.
+is. The Triton op writes its output in the token layout, so the heads merge without a copy.
+:mod:`visionfx.methods.patch_rows` holds these helpers (re-exported here), which the other mixers share.
 
 ``norm="prepbn"`` also replaces the model's LayerNorms by PRepBN (METHODS.md §6, :mod:`visionfx.methods.prepbn`):
 the config then carries the schedule length ``prepbn_steps`` (required: about 0.8 x the planned training iterations)
