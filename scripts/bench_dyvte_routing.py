@@ -6,26 +6,30 @@
 1. **The op** (CUDA only): one router step at LLaVA-1.5-7B widths (D = 4096, 2048 units, a 29-token span): the
    PyTorch reference and the Triton kernels of ``kernels/dyvte_router``, each with its logits read on the host (the
    per-layer pattern; µs per step over a loop) and queued without reads (µs per step, host launches included).
-2. **In situ**: the time to first token of a LLaVA-1.5-7B forward (random bf16 weights, 641 language-model tokens, SDPA)
-   for these variants, interleaved round by round (medians after 3 warm-up rounds), each over the unpatched model:
+2. **In situ**: a LLaVA-1.5-7B forward (random bf16 weights, 641 language-model tokens, SDPA) for these variants,
+   interleaved round by round (medians after 3 warm-up rounds), each against the unpatched model:
 
    | variant | what runs per routed layer |
    |---|---|
-   | ``no-router`` | DyVTE's prefill setup and layer pre-hooks only (the router hook returns at once) |
-   | ``sync-only`` | a host read of a ready ``[B, 2]`` tensor: the device sync without router work |
-   | ``op-no-sync`` | the Triton router op, its logits never read |
-   | ``routed`` | the op and the host read (what DyVTE runs) |
-   | ``routed-ref`` | the reference op and the host read |
+   | ``no-router`` | DyVTE's prefill setup and layer hooks only (the router hook returns at once) |
+   | ``op-no-read`` | the Triton router op, its logits never read |
+   | ``routed`` | the op, and the read of its logits before the next layer's attention (what DyVTE runs) |
+   | ``routed-sync`` | the op and a host read of its logits right after it (DyVTE before the deferred read): the host waits for the device with nothing queued behind the router |
+   | ``routed-ref`` | the reference op, read as in ``routed`` |
 
-   Routers have a zeroed output layer, so none fires and all 31 routed layers run. Reported per routed layer (the
-   difference to the unpatched forward over L − 1) and as a share of a decoder layer (the unpatched language model's
-   prefill, timed by hooks, over L).
+   Routers have a zeroed output layer, so none fires and all 31 routed layers run. Reported per routed layer, the
+   difference to the unpatched model over L − 1, from two clocks: the time to first token (``ttft``: the whole
+   forward, the prefill's setup included) and the language model's prefill (``lm``, CUDA events in hooks); and as a
+   share of a decoder layer (the unpatched language model's prefill over L).
+3. **An exit** (``--exit-layer K``): ``forced-K`` (every sample exits after layer K, no router runs) and
+   ``routed-exit-K`` (the routers of layers 0..K run and router K fires for every sample: the decision, read before
+   layer K+1's attention, restarts that layer on the text). Their difference over K + 1 is the routing cost per
+   routed layer of a prefill that exits, restart included.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import statistics
@@ -35,7 +39,37 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("no-router", "sync-only", "op-no-sync", "routed", "routed-ref")
+VARIANTS = ("no-router", "op-no-read", "routed", "routed-sync", "routed-ref")
+
+
+def exit_variants(k: int) -> tuple[str, str]:
+    return f"forced-{k}", f"routed-exit-{k}"
+
+
+def firing_weights(model, handle, inputs, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w1, w2)`` for router k that make every sample of ``inputs`` exit: unit b reads sample b's router input
+    ``x_b`` through ``10·sign(x_b)/|x_b|_1`` (GELU(10) = 10) and feeds the exit logit, so each sample's exit logit is
+    at least 10 − 0.17·(B − 1) > 0 = its keep logit (GELU ≥ −0.17)."""
+    from visionfx.methods.dyvte_router import router_features
+
+    grabbed = {}
+    hook = handle.parts.llm_layers[k].register_forward_hook(lambda m, a, o: grabbed.setdefault("h", o))
+    try:
+        with torch.inference_mode(), handle.disabled():
+            model(**inputs, logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden = grabbed["h"][0] if isinstance(grabbed["h"], tuple) else grabbed["h"]
+    ids = inputs["input_ids"]
+    end = torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
+    feat, _ = router_features(hidden, ids == model.config.image_token_id, inputs["attention_mask"].bool(), end)
+    router = handle.routers[k]
+    w1 = torch.zeros_like(router.w1.weight)
+    w2 = torch.zeros_like(router.w2.weight)
+    x = feat.float()
+    w1[: x.shape[0]] = (10 * torch.sign(x) / x.abs().sum(1, keepdim=True)).to(w1.dtype)
+    w2[1, : x.shape[0]] = 1
+    return w1, w2
 
 
 def _bench_llava():
@@ -43,16 +77,6 @@ def _bench_llava():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-class _Unread:
-    """Logits that are never read: ``tolist`` answers 'keep' without touching the device."""
-
-    def __init__(self, batch: int):
-        self.batch = batch
-
-    def tolist(self):
-        return [[0.0, 0.0]] * self.batch
 
 
 def op_alone(batches, reps: int = 200) -> dict:
@@ -90,7 +114,7 @@ def op_alone(batches, reps: int = 200) -> dict:
     return out
 
 
-def in_situ(batches, rounds: int, tiny: bool) -> dict:
+def in_situ(batches, rounds: int, tiny: bool, exit_layer: int) -> dict:
     import visionfx
     from visionfx.kernels.dyvte_router.reference import router_logits_reference
     from visionfx.patches.llava import get_handle
@@ -100,6 +124,7 @@ def in_situ(batches, rounds: int, tiny: bool) -> dict:
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     model = bl.build("llava", not cuda, device, dtype)
     model.set_attn_implementation({"text_config": "sdpa"})
+    exit_layer = min(exit_layer, model.config.text_config.num_hidden_layers - 2)
     out = {}
     for B in batches:
         inputs = bl.make_inputs(model, "llava", B, 672, device, dtype)
@@ -107,44 +132,62 @@ def in_situ(batches, rounds: int, tiny: bool) -> dict:
         bl.silence_routers(model)
         handle = get_handle(model)
         op = handle._router_step()
-        ready = torch.zeros(B, 2, device=device)
-        def launch_only(*a):
-            op(*a)
-            return _Unread(B)
 
-        steps = {"no-router": op, "sync-only": lambda *a: ready, "op-no-sync": launch_only, "routed": op,
+        def read_at_once(*a):
+            logits = op(*a)
+            logits.tolist()
+            return logits
+
+        steps = {"no-router": op, "op-no-read": op, "routed": op, "routed-sync": read_at_once,
                  "routed-ref": router_logits_reference}
-        times = {k: [] for k in ("unpatched", *VARIANTS)}
-        clock, prefill = bl.Clock(device), []
+        forced_k, routed_k = exit_variants(exit_layer)
+        steps[routed_k] = op
+        router = handle.routers[exit_layer]
+        silent = (router.w1.weight.detach().clone(), router.w2.weight.detach().clone())
+        firing = firing_weights(model, handle, inputs, exit_layer)
+        times = {k: [] for k in ("unpatched", *VARIANTS, forced_k, routed_k)}
+        clock, lm = bl.Clock(device), {k: [] for k in times}
         try:
             for r in range(rounds + 3):
                 for name in times:
                     handle.enabled = name != "unpatched"
                     handle._router_step = (lambda f: (lambda: f))(steps.get(name))
+                    for method in ("_after_layer", "_resolve"):
+                        handle.__dict__.pop(method, None)
                     if name == "no-router":
                         handle._after_layer = lambda *a: None
-                    else:
-                        handle.__dict__.pop("_after_layer", None)
+                    if name == "op-no-read":  # the decision is dropped unread: no sample exits
+                        handle._resolve = lambda seq: setattr(seq, "pending", None)
+                    handle.forced_exits = exit_layer if name == forced_k else None
+                    with torch.no_grad():
+                        for w, v in zip((router.w1.weight, router.w2.weight), firing if name == routed_k else silent):
+                            w.copy_(v)
                     if cuda:
                         torch.cuda.synchronize()
                     t = time.perf_counter()
-                    watch = clock.watch(handle.parts.inner.language_model, prefill) if name == "unpatched" \
-                        else contextlib.nullcontext()
-                    with torch.inference_mode(), watch:
+                    with torch.inference_mode(), clock.watch(handle.parts.inner.language_model, lm[name]):
                         model(**inputs, logits_to_keep=1)
                     if cuda:
                         torch.cuda.synchronize()
+                    if name in (forced_k, routed_k) and handle.exit_layers.tolist() != [exit_layer] * B:
+                        raise RuntimeError(f"{name}: exit layers {handle.exit_layers.tolist()}, not {exit_layer}")
                     if r >= 3:
                         times[name].append((time.perf_counter() - t) * 1e3)
         finally:
             visionfx.unpatch(model)
-        med = {k: statistics.median(v) for k, v in times.items()}
         layers = handle.num_layers
-        prefill_ms = statistics.median(clock.elapsed(a, b) for a, b in prefill[3:])
-        layer_ms = prefill_ms / layers  # the unpatched language model's prefill over its layers
-        row = {"ttft_ms": med, "prefill_ms": prefill_ms, "layers": layers}
-        row["per_routed_layer_us"] = {k: (med[k] - med["unpatched"]) / (layers - 1) * 1e3 for k in VARIANTS}
-        row["share_of_layer"] = {k: v / 1e3 / layer_ms for k, v in row["per_routed_layer_us"].items()}
+        row = {"layers": layers, "exit_layer": exit_layer}
+        for clock_name, ms in (("ttft", times), ("lm", {k: [clock.elapsed(a, b) for a, b in v[3:]]
+                                                        for k, v in lm.items()})):
+            med = {k: statistics.median(v) for k, v in ms.items()}
+            extra = {k: (med[k] - med["unpatched"]) / (layers - 1) * 1e3 for k in VARIANTS}
+            extra[routed_k] = (med[routed_k] - med[forced_k]) / (exit_layer + 1) * 1e3
+            row[f"{clock_name}_ms"], row[f"{clock_name}_per_routed_layer_us"] = med, extra
+        row["prefill_ms"] = row["lm_ms"]["unpatched"]
+        layer_us = row["prefill_ms"] / layers * 1e3  # the unpatched language model's prefill over its layers
+        for clock_name in ("ttft", "lm"):
+            row[f"{clock_name}_share_of_layer"] = {k: v / layer_us
+                                                   for k, v in row[f"{clock_name}_per_routed_layer_us"].items()}
         out[f"B={B}"] = row
     return out
 
@@ -154,17 +197,23 @@ def table(situ: dict) -> str:
 
     rows = []
     for key, row in situ.items():
-        for name in ("unpatched", *VARIANTS):
-            extra = row["per_routed_layer_us"].get(name)
-            rows.append([key, name, f"{row['ttft_ms'][name]:.2f}", "-" if extra is None else f"{extra:+.1f}",
-                         "-" if extra is None else f"{100 * row['share_of_layer'][name]:.1f}%"])
-    return format_table(["batch", "variant", "TTFT ms", "us per routed layer", "of a layer"], rows)
+        for name in row["ttft_ms"]:
+            cells = [key, name]
+            for clock_name in ("ttft", "lm"):
+                extra = row[f"{clock_name}_per_routed_layer_us"].get(name)
+                share = row[f"{clock_name}_share_of_layer"].get(name)
+                cells += [f"{row[f'{clock_name}_ms'][name]:.2f}", "-" if extra is None else f"{extra:+.1f}",
+                          "-" if share is None else f"{100 * share:.1f}%"]
+            rows.append(cells)
+    return format_table(["batch", "variant", "TTFT ms", "us/layer", "of a layer", "LM ms", "us/layer", "of a layer"],
+                        rows)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--rounds", type=int, default=27, help="timed rounds after 3 warm-up rounds")
+    p.add_argument("--exit-layer", type=int, default=8, help="the exit of the forced-K / routed-exit-K pair")
     p.add_argument("--tiny", action="store_true", help="tiny random LLaVA on CPU (a smoke test of the script)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -175,7 +224,7 @@ def main(argv=None) -> int:
               "settings": vars(args)}
     if torch.cuda.is_available() and not args.tiny:
         record["op"] = op_alone(batches)
-    record["in_situ"] = in_situ(batches, args.rounds, args.tiny)
+    record["in_situ"] = in_situ(batches, args.rounds, args.tiny, args.exit_layer)
     print(table(record["in_situ"]))
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}")

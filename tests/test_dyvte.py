@@ -196,7 +196,8 @@ def test_last_layer_exit_and_silent_routers_are_bit_identical(llava, batch, unpa
 
 
 def test_routed_prefill_syncs_once_per_routed_layer(sdpa_llava, batch, unpatch_after, monkeypatch):
-    """Each routed layer asks the device once (its decision shapes the next layer); nothing else per layer."""
+    """Each routed layer's decision is read once (it shapes the next layer), and only after the next layer's first
+    work (its input norm) is queued; nothing else per layer reads the device."""
     from visionfx.methods import dyvte as dyvte_mod
 
     handle = patch(sdpa_llava)
@@ -205,10 +206,20 @@ def test_routed_prefill_syncs_once_per_routed_layer(sdpa_llava, batch, unpatch_a
         for r in handle.routers:
             r.w2.weight.zero_()  # never exits: every layer ≤ L−2 routes
     syncs = tiny_llava.count_host_syncs(monkeypatch, dyvte_mod)
+    order = []
+    layers = handle.parts.llm_layers
+    for i, layer in enumerate(layers):
+        monkeypatch.setattr(layer.input_layernorm, "forward", (lambda f, i: lambda *a: (order.append(("norm", i)),
+                                                                                         f(*a))[1])(
+            layer.input_layernorm.forward, i))
+    original = dyvte_mod.exit_decision
+    monkeypatch.setattr(dyvte_mod, "exit_decision", lambda *a: (order.append(("read",)), original(*a))[1])
     with torch.no_grad():
         sdpa_llava(**batch)
     monkeypatch.undo()
-    assert syncs.count("_after_layer") == L - 1  # layers 0..L−2
+    assert syncs.count("read") == L - 1  # layers 0..L−2; the others are the prefill's setup, once
+    assert set(syncs) == {"_on_inner", "_keep_indices", "read"} and len(syncs) <= L + 3
+    assert order == [("norm", 0)] + [e for i in range(1, L) for e in (("norm", i), ("read",))]
     assert handle.exit_layers.tolist() == [L - 1, L - 1]
 
 
@@ -392,6 +403,37 @@ def test_learned_routers_batch_cache_invariance(sdpa_llava, batch, unpatch_after
         one = select(batch, row)
         same_generation(out, greedy(sdpa_llava, one), row, slice(0, 1), P, one["input_ids"].shape[1])
         assert handle.exit_layers.tolist() == [exits[row]]
+
+
+@pytest.mark.parametrize("policy", ["exact", "last"])
+def test_routed_exits_equal_forced_exits(llava, batch, unpatch_after, policy):
+    """A router decision is read before the next layer's attention and restarts that layer: the routed forward (and
+    its cache) equals forcing the same exit layers, which test_forced_exit_equals_text_only_reference checks against
+    the text-only reference."""
+    handle = patch(llava, batch_policy=policy)
+    unpatch_after(llava)
+    seen = set()
+    for seed in range(40):
+        randomise_routers(handle, seed)
+        handle.forced_exits = None
+        with torch.no_grad():
+            routed = llava(**batch, use_cache=True)
+        exits = handle.exit_layers.tolist()
+        if tuple(exits) in seen or max(exits) == L - 1:
+            continue
+        seen.add(tuple(exits))
+        compact = handle.compact_from
+        forced_exits = exits if policy == "exact" else [max(exits)] * len(exits)
+        handle.forced_exits = forced_exits
+        with torch.no_grad():
+            forced = llava(**batch, use_cache=True)
+        assert handle.exit_layers.tolist() == forced_exits and handle.compact_from == compact
+        torch.testing.assert_close(routed.logits, forced.logits, rtol=0, atol=1e-6)
+        assert cache_lengths(routed.past_key_values) == cache_lengths(forced.past_key_values)
+        if len(seen) == 3:
+            break
+    assert len(seen) >= 2, "too few router seeds exit before the last layer"
+    handle.forced_exits = None
 
 
 # --- invariant 16 and training ---------------------------------------------------------------------------------------

@@ -10,8 +10,14 @@ How it runs (hooks only, patches/llava.py holds the bookkeeping):
 - a pre-hook on ``LlavaModel`` records the image span, padding and prompt length of each forward (prefill = empty
   cache); a forward hook on each decoder layer ℓ ≤ L−2 evaluates the routers of the samples still running (the text
   span they average is found once per prefill; each routed layer then runs the router op, ``kernels/dyvte_router``,
-  two Triton kernels on CUDA, and reads its logits on the host: one device sync, since the next layer's shapes
-  depend on the decision);
+  two Triton kernels on CUDA);
+- the logits are read on the host (the next layer's shapes depend on them) by a pre-hook on layer ℓ+1's
+  ``self_attn``: on CUDA they are copied to pinned memory right after the op and the host waits for that copy's
+  event only, so layer ℓ+1's input norm, queued by then, keeps the device busy while the host wakes up and queues the
+  attention (a ``tolist()`` of the device tensor would wait for that norm too). A sample that exited makes layer ℓ+1
+  start again (its ``forward`` is wrapped) from its inputs as the pre-hook below now shapes them. Nothing of the
+  first attempt is kept: it ran only the input norm, before anything that mixes tokens or writes the cache. Layers
+  without a ``self_attn`` submodule read the decision in their pre-hook instead;
 - a pre-hook (``with_kwargs=True``) on each decoder layer compacts, once every sample has exited: it gathers the
   hidden states (first compacted layer), ``cos``/``sin`` and the mask (eager float, SDPA bool, FlashAttention 2-D,
   ``None`` stays ``None``) at the kept positions and passes ``position_ids=None``; in decoding it gathers the mask
@@ -133,6 +139,8 @@ class _Sequence:
     span: "TextSpan | None" = None  # routed prefills: the routers' text span, and the samples that can exit
     routable: list = field(default_factory=list)
     router_step: Any = None  # routed prefills: the router op's function (kernels/dyvte_router), chosen once
+    pending: Any = None  # routed prefills: the last router decision, on its way to the host (_Decision)
+    host_logits: Any = None  # routed prefills on CUDA: pinned [L, B, 2] fp32, where each layer's logits are copied
 
 
 @dataclass
@@ -142,6 +150,29 @@ class _Step:
     float_dtype: Any
     gathered: bool = False
     cache: dict = field(default_factory=dict)
+    inputs: Any = None  # routed prefills: (index, args, kwargs) the current layer was called with, for a restart
+
+
+@dataclass
+class _Decision:
+    """A routed layer's logits on their way to the host: ``logits`` is a pinned host copy that ``ready`` (recorded
+    after the copy) completes on CUDA, the op's own output elsewhere; ``samples`` are those that may exit."""
+
+    index: int
+    logits: torch.Tensor
+    ready: Any
+    samples: list
+
+    def read(self) -> list:
+        """The logits as lists; on CUDA this waits for this router step only, not for the work queued after it."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.logits.tolist()
+
+
+class _Restart(Exception):
+    """Raised before a layer's attention when the previous layer's router decision, read there, changes what the
+    layer must run on; the layer's forward wrapper runs it again from its inputs."""
 
 
 class _LayerPreHook:
@@ -150,6 +181,28 @@ class _LayerPreHook:
 
     def __call__(self, module, args, kwargs):
         return self.handle._before_layer(self.index, args, kwargs)
+
+
+class _AttentionPreHook:
+    def __init__(self, handle: "DyVTEHandle", index: int):
+        self.handle, self.index = handle, index
+
+    def __call__(self, module, args, kwargs):
+        self.handle._before_attention(self.index)
+        return None
+
+
+def _restartable_forward(handle: "DyVTEHandle", original, signature, args, kwargs):
+    """A decoder layer's ``forward``: on :class:`_Restart` it runs again on its inputs as the layer pre-hook now
+    shapes them (nothing of the first attempt has reached the KV cache: the restart comes before the attention)."""
+    try:
+        return original(*args, **kwargs)
+    except _Restart:
+        _, args, kwargs = handle._step.inputs
+        new = handle._before_layer(handle._step.inputs[0], args, kwargs)
+        if new is not None:
+            args, kwargs = new
+        return original(*args, **kwargs)
 
 
 class _RouterHook:
@@ -193,6 +246,7 @@ class DyVTEHandle(LlavaHandle):
         if config.exit_layer is not None and config.exit_layer >= self.num_layers:
             raise ValueError(f"dyvte: exit_layer={config.exit_layer} out of range for a {self.num_layers}-layer LLM")
         self.routers: nn.ModuleList | None = None
+        self._deferred = [False] * self.num_layers  # layers that read the previous router decision at their attention
         self.forced_exits = config.exit_layer
         self.compaction = True
         self.enabled = True
@@ -227,6 +281,10 @@ class DyVTEHandle(LlavaHandle):
             self.pre_hook(layer, _LayerPreHook(self, i))
             if i < self.num_layers - 1:
                 self.forward_hook(layer, _RouterHook(self, i))
+            if i > 0 and isinstance(getattr(layer, "self_attn", None), nn.Module):
+                self.pre_hook(layer.self_attn, _AttentionPreHook(self, i))
+                self.wrap(layer, "forward", _restartable_forward)
+                self._deferred[i] = True
         self.wrap_entry_points()
 
     def remove(self) -> None:
@@ -357,6 +415,8 @@ class DyVTEHandle(LlavaHandle):
             seq.has_list, seq.routable = ([bool(v) for v in row] for row in lists[1:3])
             seq.span = TextSpan.from_mask(span, count, end, max(lists[3]))
             seq.router_step = self._router_step()
+            if has.device.type == "cuda":
+                seq.host_logits = torch.empty((self.num_layers, B, 2), dtype=torch.float32, pin_memory=True)
             if seq.routable != seq.has_list and not self._warned:
                 self._warned = True
                 warnings.warn("DyVTE: a prompt has no text between its last image token and its final position; "
@@ -398,6 +458,10 @@ class DyVTEHandle(LlavaHandle):
         if step is None or seq is None:
             return None
         _check_not_compiling()
+        if step.prefill and seq.routed:
+            if seq.pending is not None and not self._deferred[index]:
+                self._resolve(seq)  # a layer without a hooked attention reads the decision before it starts
+            step.inputs = (index, args, kwargs)
         exited = [e < index for e in seq.exit_list]
         if step.prefill and self.compaction and all(exited):
             if seq.compact_from is None:
@@ -462,11 +526,32 @@ class DyVTEHandle(LlavaHandle):
         router, span = self.routers[index], seq.span
         with torch.no_grad():
             logits = seq.router_step(hidden, span.index, span.weights, span.count, router.w1.weight, router.w2.weight)
-        decided = exit_decision(logits.tolist(), self.config.threshold)  # the layer's one device sync
-        exiting = [p and d for p, d in zip(pending, decided)]
-        if any(exiting):  # the next layer's shape depends on it; the device copy is updated only at an exit
-            seq.exits.masked_fill_(torch.tensor(exiting, device=seq.exits.device), index)
-            seq.exit_list = [index if x else e for x, e in zip(exiting, seq.exit_list)]
+        ready = None
+        if seq.host_logits is not None:  # copied as soon as the op is done; read before the next layer's attention
+            logits = seq.host_logits[index].copy_(logits, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        seq.pending = _Decision(index, logits, ready, pending)
+
+    def _before_attention(self, index: int) -> None:
+        """Read the previous layer's router decision once this layer's first kernels are queued, so the device has
+        work while the host waits; a new exit restarts the layer (:class:`_Restart`) before anything of it is kept."""
+        step, seq = self._step, self._seq
+        if step is None or seq is None or not step.prefill or seq.pending is None:
+            return
+        if self._resolve(seq):
+            raise _Restart
+
+    def _resolve(self, seq: _Sequence) -> bool:
+        """Apply the pending router decision (one wait for the device); whether a sample exited."""
+        decision, seq.pending = seq.pending, None
+        index = decision.index
+        exiting = [p and d for p, d in zip(decision.samples, exit_decision(decision.read(), self.config.threshold))]
+        if not any(exiting):
+            return False
+        seq.exits.masked_fill_(torch.tensor(exiting, device=seq.exits.device), index)
+        seq.exit_list = [index if x else e for x, e in zip(exiting, seq.exit_list)]
+        return True
 
 
 def _keep_indices(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
