@@ -9,14 +9,12 @@ from visionfx.kernels.dyvte_router.reference import router_logits_reference, spa
 __all__ = ["router_logits_reference", "span_features_reference"]
 
 
-def _supports(device_type, dtype, head_dim, *, weight_dtype=None, same_device: bool = True, **options):
+def _supports(device_type, dtype, head_dim, *, weight_dtype=None, **options):
     """Why the Triton kernels would refuse the inputs (``None``: accepted); ``head_dim`` is the LLM width."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the kernels take fp32/fp16/bf16 hidden states, got {dtype}"
     if weight_dtype is not None and weight_dtype != dtype:
         return f"the routers' dtype {weight_dtype} differs from the hidden states' {dtype}"
-    if not same_device:
-        return "the routers live on another device than the decoder layer"
     return None
 
 

@@ -53,6 +53,7 @@ from torch import nn
 
 from visionfx.config import MethodConfig
 from visionfx.kernels.dispatch import BACKENDS, choose
+from visionfx.kernels.dyvte_router.reference import router_logits_reference
 from visionfx.methods.dyvte_masks import apply_block, block_mask, gather_mask, gather_seq
 from visionfx.methods.dyvte_router import (Router, TextSpan, exit_decision, router_features, span_features, span_mask,
                                            text_span)
@@ -428,14 +429,12 @@ class DyVTEHandle(LlavaHandle):
         self._step = _Step(prefill=True, total=length, float_dtype=float_dtype)
 
     def _router_step(self):
-        """The router op's function for this model (Triton on CUDA when the routers share their layers' device and
-        dtype); ``router_backend`` keeps ``(backend, why)`` of the last routed prefill (benchmarks record it)."""
+        """The router op's function for this model (Triton on CUDA when the routers have their layers' dtype; a
+        router on another device than its layer's output runs the reference, see :meth:`_after_layer`);
+        ``router_backend`` keeps ``(backend, why)`` of the last routed prefill (benchmarks record it)."""
         p = next(self.parts.llm_layers[0].parameters())
-        w = self.routers[0].w1.weight
-        same = all(next(layer.parameters()).device == r.w1.weight.device
-                   for layer, r in zip(self.parts.llm_layers, self.routers))
         fn, used, why = choose("dyvte_router", self.config.backend, p.device.type, p.dtype, self.hidden_size,
-                               weight_dtype=w.dtype, same_device=same)
+                               weight_dtype=self.routers[0].w1.weight.dtype)
         self.router_backend = (used, why)
         return fn
 
@@ -524,8 +523,10 @@ class DyVTEHandle(LlavaHandle):
             return
         hidden = output[0] if isinstance(output, tuple) else output
         router, span = self.routers[index], seq.span
+        w1, w2 = router.w1.weight, router.w2.weight
+        step = seq.router_step if w1.device == hidden.device else router_logits_reference  # e.g. a device map
         with torch.no_grad():
-            logits = seq.router_step(hidden, span.index, span.weights, span.count, router.w1.weight, router.w2.weight)
+            logits = step(hidden, span.index, span.weights, span.count, w1, w2)
         ready = None
         if seq.host_logits is not None:  # copied as soon as the op is done; read before the next layer's attention
             logits = seq.host_logits[index].copy_(logits, non_blocking=True)
