@@ -528,7 +528,7 @@ class DyVTEHandle(LlavaHandle):
         with torch.no_grad():
             logits = step(hidden, span.index, span.weights, span.count, w1, w2)
         ready = None
-        if seq.host_logits is not None:  # copied as soon as the op is done; read before the next layer's attention
+        if seq.host_logits is not None:  # CUDA: a pinned copy; the read waits for this copy's event only
             logits = seq.host_logits[index].copy_(logits, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
