@@ -333,6 +333,9 @@ def test_router_decisions_match_oracle(sdpa_llava, batch, unpatch_after, backend
     router op's kernels (interpreted on CPU)."""
     if backend == "triton":
         pytest.importorskip("triton")
+        if torch.cuda.is_available():  # the compiled kernels (the interpreter runs them on CPU elsewhere)
+            sdpa_llava = build_llava(attn_implementation="sdpa").cuda()
+            batch = {k: v.cuda() for k, v in batch.items()}
     handle = patch(sdpa_llava, backend=backend)
     unpatch_after(sdpa_llava)
     outputs = {}
@@ -410,14 +413,28 @@ def test_routed_exits_equal_forced_exits(llava, batch, unpatch_after, policy):
     """A router decision is read before the next layer's attention and restarts that layer: the routed forward (and
     its cache) equals forcing the same exit layers, which test_forced_exit_equals_text_only_reference checks against
     the text-only reference."""
-    handle = patch(llava, batch_policy=policy)
-    unpatch_after(llava)
+    routed_equals_forced(llava, batch, unpatch_after, policy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["exact", "last"])
+def test_routed_exits_equal_forced_exits_on_gpu(batch, unpatch_after, policy):
+    """The same on CUDA, where the router op's kernels run and the decision comes through a pinned copy and its
+    event."""
+    model = build_llava(attn_implementation="sdpa").cuda()
+    handle = routed_equals_forced(model, {k: v.cuda() for k, v in batch.items()}, unpatch_after, policy)
+    assert handle.router_backend[0] == "triton"
+
+
+def routed_equals_forced(model, batch, unpatch_after, policy):
+    handle = patch(model, batch_policy=policy)
+    unpatch_after(model)
     seen = set()
     for seed in range(40):
         randomise_routers(handle, seed)
         handle.forced_exits = None
         with torch.no_grad():
-            routed = llava(**batch, use_cache=True)
+            routed = model(**batch, use_cache=True)
         exits = handle.exit_layers.tolist()
         if tuple(exits) in seen or max(exits) == L - 1:
             continue
@@ -426,7 +443,7 @@ def test_routed_exits_equal_forced_exits(llava, batch, unpatch_after, policy):
         forced_exits = exits if policy == "exact" else [max(exits)] * len(exits)
         handle.forced_exits = forced_exits
         with torch.no_grad():
-            forced = llava(**batch, use_cache=True)
+            forced = model(**batch, use_cache=True)
         assert handle.exit_layers.tolist() == forced_exits and handle.compact_from == compact
         torch.testing.assert_close(routed.logits, forced.logits, rtol=0, atol=1e-6)
         assert cache_lengths(routed.past_key_values) == cache_lengths(forced.past_key_values)
@@ -434,6 +451,7 @@ def test_routed_exits_equal_forced_exits(llava, batch, unpatch_after, policy):
             break
     assert len(seen) >= 2, "too few router seeds exit before the last layer"
     handle.forced_exits = None
+    return handle
 
 
 # --- invariant 16 and training ---------------------------------------------------------------------------------------
