@@ -207,16 +207,17 @@ def test_routed_prefill_syncs_once_per_routed_layer(sdpa_llava, batch, unpatch_a
             r.w2.weight.zero_()  # never exits: every layer ≤ L−2 routes
     syncs = tiny_llava.count_host_syncs(monkeypatch, dyvte_mod)
     order = []
-    layers = handle.parts.llm_layers
-    for i, layer in enumerate(layers):
-        monkeypatch.setattr(layer.input_layernorm, "forward", (lambda f, i: lambda *a: (order.append(("norm", i)),
-                                                                                         f(*a))[1])(
-            layer.input_layernorm.forward, i))
+    hooks = [layer.input_layernorm.register_forward_pre_hook(lambda m, a, i=i: order.append(("norm", i)))
+             for i, layer in enumerate(handle.parts.llm_layers)]
     original = dyvte_mod.exit_decision
     monkeypatch.setattr(dyvte_mod, "exit_decision", lambda *a: (order.append(("read",)), original(*a))[1])
-    with torch.no_grad():
-        sdpa_llava(**batch)
-    monkeypatch.undo()
+    try:
+        with torch.no_grad():
+            sdpa_llava(**batch)
+    finally:
+        monkeypatch.undo()
+        for h in hooks:
+            h.remove()
     assert syncs.count("read") == L - 1  # layers 0..L−2; the others are the prefill's setup, once
     assert set(syncs) == {"_on_inner", "_keep_indices", "read"} and len(syncs) <= L + 3
     assert order == [("norm", 0)] + [e for i in range(1, L) for e in (("norm", i), ("read",))]

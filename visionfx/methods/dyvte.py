@@ -199,8 +199,8 @@ def _restartable_forward(handle: "DyVTEHandle", original, signature, args, kwarg
     try:
         return original(*args, **kwargs)
     except _Restart:
-        _, args, kwargs = handle._step.inputs
-        new = handle._before_layer(handle._step.inputs[0], args, kwargs)
+        index, args, kwargs = handle._step.inputs
+        new = handle._before_layer(index, args, kwargs)
         if new is not None:
             args, kwargs = new
         return original(*args, **kwargs)
