@@ -198,14 +198,14 @@ def test_last_layer_exit_and_silent_routers_are_bit_identical(llava, batch, unpa
 def test_routed_prefill_syncs_once_per_routed_layer(sdpa_llava, batch, unpatch_after, monkeypatch):
     """Each routed layer's decision is read once (it shapes the next layer), and only after the next layer's first
     work (its input norm) is queued; nothing else per layer reads the device."""
-    from visionfx.methods import dyvte as dyvte_mod
+    from visionfx.methods import dyvte as dyvte_mod, dyvte_prefill
 
     handle = patch(sdpa_llava)
     unpatch_after(sdpa_llava)
     with torch.no_grad():
         for r in handle.routers:
             r.w2.weight.zero_()  # never exits: every layer ≤ L−2 routes
-    syncs = tiny_llava.count_host_syncs(monkeypatch, dyvte_mod)
+    syncs = tiny_llava.count_host_syncs(monkeypatch, dyvte_mod, dyvte_prefill)
     order = []
     hooks = [layer.input_layernorm.register_forward_pre_hook(lambda m, a, i=i: order.append(("norm", i)))
              for i, layer in enumerate(handle.parts.llm_layers)]
@@ -219,7 +219,7 @@ def test_routed_prefill_syncs_once_per_routed_layer(sdpa_llava, batch, unpatch_a
         for h in hooks:
             h.remove()
     assert syncs.count("read") == L - 1  # layers 0..L−2; the others are the prefill's setup, once
-    assert set(syncs) == {"_on_inner", "_keep_indices", "read"} and len(syncs) <= L + 3
+    assert set(syncs) == {"_on_inner", "keep_indices", "read"} and len(syncs) <= L + 3
     assert order == [("norm", 0)] + [e for i in range(1, L) for e in (("norm", i), ("read",))]
     assert handle.exit_layers.tolist() == [L - 1, L - 1]
 

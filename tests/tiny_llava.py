@@ -136,10 +136,12 @@ def greedy(model, batch: dict, new_tokens: int = 8, **kwargs):
                           return_dict_in_generate=True, output_scores=True, pad_token_id=PAD, **kwargs)
 
 
-def count_host_syncs(monkeypatch, module) -> list[str]:
+def count_host_syncs(monkeypatch, *modules) -> list[str]:
     """Record, by function name, every tensor-to-host read (``tolist``, ``item``, ``bool``/``int``/``float``,
-    ``nonzero``: each waits for the device) made directly by code in ``module``; undone by ``monkeypatch``."""
+    ``nonzero``: each waits for the device) made directly by code in ``modules``; undone by ``monkeypatch``."""
     import sys
+
+    files = {m.__file__ for m in modules}
 
     calls: list[str] = []
     for name in ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero"):
@@ -147,7 +149,7 @@ def count_host_syncs(monkeypatch, module) -> list[str]:
 
         def counted(self, *args, _original=original, **kwargs):
             caller = sys._getframe(1).f_code
-            if caller.co_filename == module.__file__:
+            if caller.co_filename in files:
                 calls.append(caller.co_name)
             return _original(self, *args, **kwargs)
 

@@ -45,7 +45,7 @@ import contextlib
 import numbers
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -55,10 +55,13 @@ from visionfx.config import MethodConfig
 from visionfx.kernels.dispatch import BACKENDS, choose
 from visionfx.kernels.dyvte_router.reference import router_logits_reference
 from visionfx.methods.dyvte_masks import apply_block, block_mask, gather_mask, gather_seq
+from visionfx.methods.dyvte_prefill import (AttentionPreHook, ForwardStep, LayerPreHook, PrefillState, Restart,
+                                            RouterDecision, RouterHook, check_not_compiling, keep_indices,
+                                            restartable_forward)
 from visionfx.methods.dyvte_router import (Router, TextSpan, exit_decision, router_features, span_features, span_mask,
                                            text_span)
-from visionfx.patches.llava import (LlavaHandle, LlavaParts, PromptState, check_left_padding, is_prefill,
-                                    layer_hidden, prompt_state, true_first, with_layer_hidden)
+from visionfx.patches.llava import (LlavaHandle, LlavaParts, check_left_padding, is_prefill, layer_hidden,
+                                    prompt_state, with_layer_hidden)
 from visionfx.registry import MethodSpec
 
 __all__ = ["DyVTEConfig", "Router", "DyVTEHandle", "router_features", "text_span", "span_features", "exit_decision",
@@ -125,107 +128,6 @@ class DyVTEConfig(MethodConfig):
             raise ValueError(f"dyvte: backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
-@dataclass
-class _Sequence:
-    """What the last prefill decided (kept for its decoding steps)."""
-
-    state: PromptState
-    exits: torch.Tensor  # [B] long
-    keep: torch.Tensor  # [B, M] gather indices
-    slot_valid: torch.Tensor | None  # [B, M] bool, None when every slot is real
-    routed: bool
-    exit_list: list = field(default_factory=list)  # host copies, so layers need no device sync to decide
-    has_list: list = field(default_factory=list)
-    compact_from: int | None = None
-    span: "TextSpan | None" = None  # routed prefills: the routers' text span, and the samples that can exit
-    routable: list = field(default_factory=list)
-    router_step: Any = None  # routed prefills: the router op's function (kernels/dyvte_router), chosen once
-    pending: Any = None  # routed prefills: the last router decision, on its way to the host (_Decision)
-    host_logits: Any = None  # routed prefills on CUDA: pinned [L, B, 2] fp32, where each layer's logits are copied
-
-
-@dataclass
-class _Step:
-    prefill: bool
-    total: int
-    float_dtype: Any
-    gathered: bool = False
-    cache: dict = field(default_factory=dict)
-    inputs: Any = None  # routed prefills: (index, args, kwargs) the current layer was called with, for a restart
-
-
-@dataclass
-class _Decision:
-    """A routed layer's logits on their way to the host: ``logits`` is a pinned host copy that ``ready`` (recorded
-    after the copy) completes on CUDA, the op's own output elsewhere; ``samples`` are those that may exit."""
-
-    index: int
-    logits: torch.Tensor
-    ready: Any
-    samples: list
-
-    def read(self) -> list:
-        """The logits as lists; on CUDA this waits for this router step only, not for the work queued after it."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.logits.tolist()
-
-
-class _Restart(Exception):
-    """Raised before a layer's attention when the previous layer's router decision, read there, changes what the
-    layer must run on; the layer's forward wrapper runs it again from its inputs."""
-
-
-class _LayerPreHook:
-    def __init__(self, handle: "DyVTEHandle", index: int):
-        self.handle, self.index = handle, index
-
-    def __call__(self, module, args, kwargs):
-        return self.handle._before_layer(self.index, args, kwargs)
-
-
-class _AttentionPreHook:
-    def __init__(self, handle: "DyVTEHandle", index: int):
-        self.handle, self.index = handle, index
-
-    def __call__(self, module, args, kwargs):
-        self.handle._before_attention(self.index)
-        return None
-
-
-def _restartable_forward(handle: "DyVTEHandle", original, signature, args, kwargs):
-    """A decoder layer's ``forward``: on :class:`_Restart` it runs again on its inputs as the layer pre-hook now
-    shapes them (nothing of the first attempt has reached the KV cache: the restart comes before the attention)."""
-    try:
-        return original(*args, **kwargs)
-    except _Restart:
-        index, args, kwargs = handle._step.inputs
-        new = handle._before_layer(index, args, kwargs)
-        if new is not None:
-            args, kwargs = new
-        return original(*args, **kwargs)
-
-
-class _RouterHook:
-    def __init__(self, handle: "DyVTEHandle", index: int):
-        self.handle, self.index = handle, index
-
-    def __call__(self, module, args, kwargs, output):
-        self.handle._after_layer(self.index, output)
-        return None
-
-
-_COMPILE_MSG = "DyVTE makes data-dependent decisions in hooks and does not support torch.compile"
-
-
-def _check_not_compiling(*modules: nn.Module):
-    if torch.compiler.is_compiling():
-        raise RuntimeError(_COMPILE_MSG)
-    for m in modules:
-        if getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod"):
-            raise RuntimeError(_COMPILE_MSG + f" ({type(m).__name__} is compiled)")
-
-
 class DyVTEHandle(LlavaHandle):
     """A DyVTE patch on one LLaVA model.
 
@@ -253,8 +155,8 @@ class DyVTEHandle(LlavaHandle):
         self.enabled = True
         self.exit_layers = self.compact_from = self.kept_positions = None
         self.router_backend: tuple[str, str] | None = None
-        self._seq: _Sequence | None = None
-        self._step: _Step | None = None
+        self._seq: PrefillState | None = None
+        self._step: ForwardStep | None = None
         self._prompt_length = self._image_mask = None
         self._restore = False
         self._grad_flags: dict | None = None
@@ -279,12 +181,12 @@ class DyVTEHandle(LlavaHandle):
             load_routers(self, self.config.routers)
         self.watch_inner(self._on_inner)
         for i, layer in enumerate(parts.llm_layers):
-            self.pre_hook(layer, _LayerPreHook(self, i))
+            self.pre_hook(layer, LayerPreHook(self, i))
             if i < self.num_layers - 1:
-                self.forward_hook(layer, _RouterHook(self, i))
+                self.forward_hook(layer, RouterHook(self, i))
             if i > 0 and isinstance(getattr(layer, "self_attn", None), nn.Module):
-                self.pre_hook(layer.self_attn, _AttentionPreHook(self, i))
-                self.wrap(layer, "forward", _restartable_forward)
+                self.pre_hook(layer.self_attn, AttentionPreHook(self, i))
+                self.wrap(layer, "forward", restartable_forward)
                 self._deferred[i] = True
         self.wrap_entry_points()
 
@@ -368,7 +270,7 @@ class DyVTEHandle(LlavaHandle):
         if not self.enabled:
             return
         inner = self.parts.inner
-        _check_not_compiling(self.parts.model, inner, inner.language_model, *self.parts.llm_layers)
+        check_not_compiling(self.parts.model, inner, inner.language_model, *self.parts.llm_layers)
         pkv = kw.get("past_key_values")
         if pkv is not None and getattr(pkv, "is_compileable", False):
             raise NotImplementedError(f"DyVTE does not support {type(pkv).__name__} (static caches): layers hold "
@@ -381,7 +283,7 @@ class DyVTEHandle(LlavaHandle):
         if not is_prefill(pkv):
             if self._seq is None:
                 return
-            self._step = _Step(prefill=False, total=int(pkv.get_seq_length()) + length, float_dtype=float_dtype)
+            self._step = ForwardStep(prefill=False, total=int(pkv.get_seq_length()) + length, float_dtype=float_dtype)
             return
         self._seq = None
         self.exit_layers = self.compact_from = self.kept_positions = None
@@ -405,8 +307,8 @@ class DyVTEHandle(LlavaHandle):
         if forced is not None:
             exits = forced.clone()
         exits[~has] = -1
-        keep, slot_valid = _keep_indices(st.image)
-        seq = _Sequence(state=st, exits=exits, keep=keep, slot_valid=slot_valid, routed=forced is None)
+        keep, slot_valid = keep_indices(st.image)
+        seq = PrefillState(state=st, exits=exits, keep=keep, slot_valid=slot_valid, routed=forced is None)
         if seq.routed:
             end = torch.full_like(exits, st.prompt_length - 1)
             span, count = span_mask(st.image, st.valid, end)
@@ -426,7 +328,7 @@ class DyVTEHandle(LlavaHandle):
             seq.exit_list, seq.has_list = exits.tolist(), has.tolist()
         self._seq = seq
         self.exit_layers = exits
-        self._step = _Step(prefill=True, total=length, float_dtype=float_dtype)
+        self._step = ForwardStep(prefill=True, total=length, float_dtype=float_dtype)
 
     def _router_step(self):
         """The router op's function for this model (Triton on CUDA when the routers have their layers' dtype; a
@@ -456,7 +358,7 @@ class DyVTEHandle(LlavaHandle):
         step, seq = self._step, self._seq
         if step is None or seq is None:
             return None
-        _check_not_compiling()
+        check_not_compiling()
         if step.prefill and seq.routed:
             if seq.pending is not None and not self._deferred[index]:
                 self._resolve(seq)  # a layer without a hooked attention reads the decision before it starts
@@ -484,7 +386,7 @@ class DyVTEHandle(LlavaHandle):
             return args, {**kwargs, "attention_mask": cache[key]}
         return None
 
-    def _compact_prefill(self, step: _Step, seq: _Sequence, args: tuple, kwargs: dict):
+    def _compact_prefill(self, step: ForwardStep, seq: PrefillState, args: tuple, kwargs: dict):
         keep = seq.keep
         if not step.gathered:
             args, kwargs = with_layer_hidden(args, kwargs, gather_seq(layer_hidden(args, kwargs), keep))
@@ -499,7 +401,7 @@ class DyVTEHandle(LlavaHandle):
             new["cache_position"] = torch.arange(keep.shape[1], device=keep.device)
         return args, new
 
-    def _compact_decode(self, step: _Step, seq: _Sequence, args: tuple, kwargs: dict):
+    def _compact_decode(self, step: ForwardStep, seq: PrefillState, args: tuple, kwargs: dict):
         cache = step.cache
         if "mask" not in cache:
             keep, L0 = seq.keep, seq.state.length
@@ -532,18 +434,18 @@ class DyVTEHandle(LlavaHandle):
             logits = seq.host_logits[index].copy_(logits, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-        seq.pending = _Decision(index, logits, ready, pending)
+        seq.pending = RouterDecision(index, logits, ready, pending)
 
     def _before_attention(self, index: int) -> None:
         """Read the previous layer's router decision once this layer's first kernels are queued, so the device has
-        work while the host waits; a new exit restarts the layer (:class:`_Restart`) before anything of it is kept."""
+        work while the host waits; a new exit restarts the layer (:class:`Restart`) before anything of it is kept."""
         step, seq = self._step, self._seq
         if step is None or seq is None or not step.prefill or seq.pending is None:
             return
         if self._resolve(seq):
-            raise _Restart
+            raise Restart
 
-    def _resolve(self, seq: _Sequence) -> bool:
+    def _resolve(self, seq: PrefillState) -> bool:
         """Apply the pending router decision (one wait for the device); whether a sample exited."""
         decision, seq.pending = seq.pending, None
         index = decision.index
@@ -553,15 +455,6 @@ class DyVTEHandle(LlavaHandle):
         seq.exits.masked_fill_(torch.tensor(exiting, device=seq.exits.device), index)
         seq.exit_list = [index if x else e for x, e in zip(exiting, seq.exit_list)]
         return True
-
-
-def _keep_indices(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Non-image positions of each row of ``image [B, L]``, right-aligned in ``[B, M]`` (M = the longest); the slots
-    before a shorter row's positions point at its image positions and are marked invalid."""
-    M = int((~image).sum(1).max())
-    keep = true_first(image)[:, image.shape[1] - M:]
-    valid = (~image).gather(1, keep)
-    return keep, (None if bool(valid.all()) else valid)
 
 
 METHOD = MethodSpec(

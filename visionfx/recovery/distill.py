@@ -363,10 +363,12 @@ def distill(model: nn.Module, method_or_config=None, data=None, *, stage1_steps:
             for norm in prepbn_norms(model):
                 norm.rescale_schedule(steps / cfg.stage2_steps)
 
-        run.train("stage2", cfg.stage2_steps, cfg.stage2_batch_size, loss_fn, model_p, opt, sched,
-                  [p for _, p in named], augment, start, clock, time_budget=budget, on_fit=fit)
-        for t in taps or ():
-            t.remove()
+        try:
+            run.train("stage2", cfg.stage2_steps, cfg.stage2_batch_size, loss_fn, model_p, opt, sched,
+                      [p for _, p in named], augment, start, clock, time_budget=budget, on_fit=fit)
+        finally:  # an interrupted stage 2 leaves no hooks on the user's model
+            for t in taps or ():
+                t.remove()
         model = _release(acc, model_p)
         del model_p, opt, sched, student_fwd, loss_fn
         top1["stage2"] = run.evaluate(model, "stage2", cfg.stage2_steps)
