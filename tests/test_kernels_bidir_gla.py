@@ -199,6 +199,17 @@ def test_auto_picks_direct_for_short_sequences(N, fwd, bwd):
         assert close(a, b)
 
 
+@pytest.mark.parametrize("N, rows", [(1, (16, 16)), (20, (32, 32)), (65, (16, 16)), (81, (32, 32)), (97, (64, 16))])
+def test_short_last_chunk(N, rows):
+    """The direct kernels take a short last chunk on a smaller tile (the fewest power-of-two rows ≥ 16 that hold it:
+    ``rows`` forwards on 64-token chunks and backwards on ``DIRECT_BWD_CH``-token ones), met by the other chunks in
+    both directions; forward and gradients agree with the oracle, with the exact diagonal in the short chunk too."""
+    assert (kt._tail_rows(N, kt.CH), kt._tail_rows(N, kt.DIRECT_BWD_CH)) == rows
+    q, k, v, gf, gb = make(1, 2, N, 16, 24, "moderate", seed=N)
+    gf[..., -1, :3] = -50.0  # one token that alone exceeds DIAG_SPAN_MAX: the last chunk's exact walk
+    check(q, k, v, gf, gb, impl="direct")
+
+
 def test_several_chunks_and_split_states():
     """Three chunks (states carried over two boundaries each way); the serial state scan splits the 32 state rows
     over 4 programs of 8 rows (the CPU plans for 132 SMs)."""

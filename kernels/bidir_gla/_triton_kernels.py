@@ -251,30 +251,52 @@ def _chunk_fwd(
     N, n_chunks, n_bh, n_heads, scale, span_max,
     s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
     o_b, o_h, o_n,  # strides of the output (its last dim contiguous)
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr, TL: tl.constexpr,
     STATES: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Output of one ``CH``-token chunk, both directions summed on chip: the chunk with itself (factorised or exact,
     :func:`_diag_scores`) and the earlier chunks in scan order, through the stored state entering the chunk
     (``STATES``; ``ST [2, B·H, n_chunks, BK, BV]``) or directly, one ``[CH, CH]`` product per earlier chunk. Grid
-    ``(B·H, n_chunks)``."""
+    ``(B·H, n_chunks)``. ``TL < CH`` (direct only): the last chunk is short, and it and its products with the others
+    take ``TL``-row tiles (:func:`_fwd_tile`)."""
     pid_bh, c = tl.program_id(0), tl.program_id(1)
+    if TL < CH:
+        if c == n_chunks - 1:
+            _fwd_tile(Q, K, V, G, ST, O, N, n_chunks, n_bh, n_heads, scale, span_max, s_b, s_h, s_n, t_b, t_h, t_n,
+                      g_dir, g_b, g_h, g_n, g_c, o_b, o_h, o_n, pid_bh, c, DK, DV, BK, BV, CH, TL, TL, STATES, DT, PREC)
+        else:
+            _fwd_tile(Q, K, V, G, ST, O, N, n_chunks, n_bh, n_heads, scale, span_max, s_b, s_h, s_n, t_b, t_h, t_n,
+                      g_dir, g_b, g_h, g_n, g_c, o_b, o_h, o_n, pid_bh, c, DK, DV, BK, BV, CH, CH, TL, STATES, DT, PREC)
+    else:
+        _fwd_tile(Q, K, V, G, ST, O, N, n_chunks, n_bh, n_heads, scale, span_max, s_b, s_h, s_n, t_b, t_h, t_n,
+                  g_dir, g_b, g_h, g_n, g_c, o_b, o_h, o_n, pid_bh, c, DK, DV, BK, BV, CH, CH, CH, STATES, DT, PREC)
+
+
+@triton.jit
+def _fwd_tile(
+    Q, K, V, G, ST, O, N, n_chunks, n_bh, n_heads, scale, span_max, s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n,
+    g_c, o_b, o_h, o_n, pid_bh, c,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr, L: tl.constexpr,
+    TL: tl.constexpr, STATES: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """The body of :func:`_chunk_fwd` for chunk ``c`` on an ``L``-row tile (``CH``, or ``TL`` for a short last
+    chunk); the chunks it meets have ``CH`` rows, the short last one ``TL``."""
     b, h = pid_bh // n_heads, pid_bh % n_heads
     kbase = b * s_b + h * s_h
     vbase = b * t_b + h * t_h
-    r = tl.arange(0, CH)
+    r = tl.arange(0, L)
     rk, rv = tl.arange(0, BK), tl.arange(0, BV)
     lo = c * CH
-    hi = tl.minimum(lo + CH, N)
+    hi = tl.minimum(lo + L, N)
     tok = lo + r
     q, k, v = _own_tiles(Q, K, V, kbase, vbase, tok, hi, rk, rv, DK, DV, s_n, t_n, DT)
-    out = tl.zeros([CH, BV], tl.float32)
+    out = tl.zeros([L, BV], tl.float32)
     for d in tl.static_range(2):
         gbase = G + d * g_dir + b * g_b + h * g_h
         g, incl, _, total = _gates(gbase, tok, lo, hi, rk, DK, g_n, g_c, d == 1)
         qd = (q * tl.exp(incl)).to(DT)  # relative to the point just before the chunk in scan order: ≤ 1
         # the chunk itself
-        a = _diag_scores(q, k, qd, incl, total, g, r, span_max, d == 1, CH, DT, PREC)
+        a = _diag_scores(q, k, qd, incl, total, g, r, span_max, d == 1, L, DT, PREC)
         out += tl.dot(a.to(DT), v, input_precision=PREC)
         if STATES:
             s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV)
@@ -287,13 +309,24 @@ def _chunk_fwd(
                 n_prev = c
             else:
                 n_prev = n_chunks - 1 - c
+                if TL < CH:
+                    n_prev -= (c < n_chunks - 1).to(tl.int32)  # the short last chunk is met after the loop
+            rc = tl.arange(0, CH)
             for t in range(n_prev):
                 lo_o = _chunk_start(c, t, d == 1, CH)
-                kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n,
+                kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, rc, rk, rv, mid, DK, DV, s_n,
                                                 t_n, g_n, g_c, CH, d == 1, DT)
-                a = tl.dot(qd, tl.trans(kt), input_precision=PREC)
-                out += tl.dot(a.to(DT), v_o, input_precision=PREC)
+                ao = tl.dot(qd, tl.trans(kt), input_precision=PREC)
+                out += tl.dot(ao.to(DT), v_o, input_precision=PREC)
                 mid += total_o
+            if TL < CH:
+                if d == 1:
+                    if c < n_chunks - 1:  # the short last chunk: the farthest earlier one backwards
+                        k_t, v_t, total_t = _keys_before(K, V, gbase, kbase, vbase, (n_chunks - 1) * CH, N,
+                                                         tl.arange(0, TL), rk, rv, mid, DK, DV, s_n, t_n, g_n, g_c,
+                                                         TL, True, DT)
+                        a_t = tl.dot(qd, tl.trans(k_t), input_precision=PREC)
+                        out += tl.dot(a_t.to(DT), v_t, input_precision=PREC)
     tl.store(O + b * o_b + h * o_h + tok[:, None] * o_n + rv[None, :], (out * scale).to(O.dtype.element_ty),
              mask=(tok < hi)[:, None] & (rv < DV)[None, :])
 
@@ -305,7 +338,7 @@ def _chunk_bwd(
     s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c,
     do_b, do_h, do_n,  # strides of DO
     dq_b, dq_h, dq_n, dv_b, dv_h, dv_n,  # strides of the outputs DQ and DK (allocated alike), and DV
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr, TL: tl.constexpr,
     STATES: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """dq, dk, dv of one ``CH``-token chunk (both directions summed on chip) and its gate gradients. The chunk's
@@ -316,30 +349,55 @@ def _chunk_bwd(
     last dim of every tensor is contiguous.
 
     Gate gradients (``DGF``, ``DGB``: ``[B·H, N, DK]`` fp32, token order): with ``dA_d = q ⊙ dq_d − k ⊙ dk_d`` per
-    direction, ``dgf_t = Σ_{s≥t} dA_0,s`` and ``dgb_t = Σ_{s≤t} dA_1,s``. The kernel sums only inside its chunk and, with
-    ``STATES``, adds the sum over the other chunks as its exact value at the chunk's boundary, a product of the two
+    direction, ``dgf_t = Σ_{s≥t} dA_0,s`` and ``dgb_t = Σ_{s≤t} dA_1,s``. The kernel sums only inside its chunk and,
+    with ``STATES``, adds the sum over the other chunks as its exact value at the chunk's boundary, a product of the two
     states that meet there (no cancellation): the gate between tokens ``t−1`` and ``t`` is crossed by every pair
     (later query, earlier key), so in scan order the sum beyond the chunk is ``Σ_e S[:, e] ⊙ R[:, e]``, with ``S``
     the forward state entering the next chunk and ``R`` the gradient state entering this one. One sum over the
     whole sequence would carry the rounding of the 16-bit products behind dq and dk where the true gradient cancels
     (``dgf`` at the first token is exactly 0): in bf16 at N = 4097 that error was several percent of the gradient.
-    Without ``STATES`` (short sequences) the host adds the other chunks' sums (:func:`triton._add_carries`)."""
+    Without ``STATES`` (short sequences) the host adds the other chunks' sums (:func:`triton._add_carries`), and
+    ``TL < CH`` is a short last chunk on ``TL``-row tiles, as in :func:`_chunk_fwd`."""
     pid_bh, c = tl.program_id(0), tl.program_id(1)
+    if TL < CH:
+        if c == n_chunks - 1:
+            _bwd_tile(Q, K, V, DO, G, ST, DQ, DK_, DV_, DGF, DGB, N, n_chunks, n_bh, n_heads, scale, span_max,
+                      s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c, do_b, do_h, do_n, dq_b, dq_h, dq_n,
+                      dv_b, dv_h, dv_n, pid_bh, c, DK, DV, BK, BV, CH, TL, TL, STATES, DT, PREC)
+        else:
+            _bwd_tile(Q, K, V, DO, G, ST, DQ, DK_, DV_, DGF, DGB, N, n_chunks, n_bh, n_heads, scale, span_max,
+                      s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c, do_b, do_h, do_n, dq_b, dq_h, dq_n,
+                      dv_b, dv_h, dv_n, pid_bh, c, DK, DV, BK, BV, CH, CH, TL, STATES, DT, PREC)
+    else:
+        _bwd_tile(Q, K, V, DO, G, ST, DQ, DK_, DV_, DGF, DGB, N, n_chunks, n_bh, n_heads, scale, span_max,
+                  s_b, s_h, s_n, t_b, t_h, t_n, g_dir, g_b, g_h, g_n, g_c, do_b, do_h, do_n, dq_b, dq_h, dq_n,
+                  dv_b, dv_h, dv_n, pid_bh, c, DK, DV, BK, BV, CH, CH, CH, STATES, DT, PREC)
+
+
+@triton.jit
+def _bwd_tile(
+    Q, K, V, DO, G, ST, DQ, DK_, DV_, DGF, DGB, N, n_chunks, n_bh, n_heads, scale, span_max, s_b, s_h, s_n, t_b, t_h,
+    t_n, g_dir, g_b, g_h, g_n, g_c, do_b, do_h, do_n, dq_b, dq_h, dq_n, dv_b, dv_h, dv_n, pid_bh, c,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr, L: tl.constexpr,
+    TL: tl.constexpr, STATES: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """The body of :func:`_chunk_bwd` for chunk ``c`` on an ``L``-row tile (as :func:`_fwd_tile`)."""
     b, h = pid_bh // n_heads, pid_bh % n_heads
     kbase = b * s_b + h * s_h
     vbase = b * t_b + h * t_h
-    r = tl.arange(0, CH)
+    r = tl.arange(0, L)
+    rc = tl.arange(0, CH)
     rk, rv = tl.arange(0, BK), tl.arange(0, BV)
     lo = c * CH
-    hi = tl.minimum(lo + CH, N)
+    hi = tl.minimum(lo + L, N)
     tok = lo + r
     tm = tok < hi
     dbase = b * do_b + h * do_h
     q, k, v = _own_tiles(Q, K, V, kbase, vbase, tok, hi, rk, rv, DK, DV, s_n, t_n, DT)
     do = _tile(DO + dbase, tok, hi, rv, DV, do_n).to(DT)
-    dq = tl.zeros([CH, BK], tl.float32)
-    dk = tl.zeros([CH, BK], tl.float32)
-    dv = tl.zeros([CH, BV], tl.float32)
+    dq = tl.zeros([L, BK], tl.float32)
+    dk = tl.zeros([L, BK], tl.float32)
+    dv = tl.zeros([L, BV], tl.float32)
     soff = rk[:, None] * BV + rv[None, :]
     for d in tl.static_range(2):
         gbase = G + d * g_dir + b * g_b + h * g_h
@@ -347,28 +405,40 @@ def _chunk_bwd(
         eq = tl.exp(incl)
         qd = (q * eq).to(DT)
         # the chunk itself
-        a, dq_d, dk_d = _diag_grads(q, k, qd, eq, incl, total, g, do, v, r, span_max, d == 1, CH, DT, PREC)
+        a, dq_d, dk_d = _diag_grads(q, k, qd, eq, incl, total, g, do, v, r, span_max, d == 1, L, DT, PREC)
         dv += tl.dot(tl.trans(a.to(DT)), do, input_precision=PREC)
+        # chunks toward the end; a short last one is met after the loop over whole ones
+        n_end = n_chunks - 1 - c
+        if TL < CH:
+            n_end -= (c < n_chunks - 1).to(tl.int32)
         if d == 0:
             n_prev = c
-            n_next = n_chunks - 1 - c
+            n_next = n_end
         else:
-            n_prev = n_chunks - 1 - c
+            n_prev = n_end
             n_next = c
         # keys of earlier chunks: dq, to be multiplied by exp(incl)
         if STATES:
             s = tl.load(ST + ((d * n_bh + pid_bh) * n_chunks + c).to(tl.int64) * (BK * BV) + soff).to(DT)
             acc = tl.dot(do, tl.trans(s), input_precision=PREC)
         else:
-            acc = tl.zeros([CH, BK], tl.float32)
+            acc = tl.zeros([L, BK], tl.float32)
             mid = tl.zeros([BK], tl.float32)  # gates of the chunks in between (nearest first)
             for t in range(n_prev):
                 lo_o = _chunk_start(c, t, d == 1, CH)
-                kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, r, rk, rv, mid, DK, DV, s_n,
+                kt, v_o, total_o = _keys_before(K, V, gbase, kbase, vbase, lo_o, N, rc, rk, rv, mid, DK, DV, s_n,
                                                 t_n, g_n, g_c, CH, d == 1, DT)
                 pp = tl.dot(do, tl.trans(v_o), input_precision=PREC)
                 acc += tl.dot(pp.to(DT), kt, input_precision=PREC)
                 mid += total_o
+            if TL < CH:
+                if d == 1:
+                    if c < n_chunks - 1:  # the short last chunk
+                        k_t, v_t, total_t = _keys_before(K, V, gbase, kbase, vbase, (n_chunks - 1) * CH, N,
+                                                         tl.arange(0, TL), rk, rv, mid, DK, DV, s_n, t_n, g_n, g_c,
+                                                         TL, True, DT)
+                        p_t = tl.dot(do, tl.trans(v_t), input_precision=PREC)
+                        acc += tl.dot(p_t.to(DT), k_t, input_precision=PREC)
         dq_d += eq * acc
         # queries of later chunks: dk (to be multiplied by exp(after)) and dv
         f = tl.exp(after)  # this chunk's keys relative to its end in scan order: ≤ 1
@@ -378,17 +448,27 @@ def _chunk_bwd(
             acc = tl.dot(v, tl.trans(rs), input_precision=PREC)
             dv += tl.dot(kf, rs, input_precision=PREC)
         else:
-            acc = tl.zeros([CH, BK], tl.float32)
+            acc = tl.zeros([L, BK], tl.float32)
             mid = tl.zeros([BK], tl.float32)
             for t in range(n_next):
                 lo_o = _chunk_start(c, t, d == 0, CH)
-                qt_o, do_o, total_o = _queries_after(Q, DO, gbase, kbase, dbase, lo_o, N, r, rk, rv, mid, DK, DV,
+                qt_o, do_o, total_o = _queries_after(Q, DO, gbase, kbase, dbase, lo_o, N, rc, rk, rv, mid, DK, DV,
                                                      s_n, do_n, g_n, g_c, CH, d == 1, DT)
                 aa = tl.dot(qt_o, tl.trans(kf), input_precision=PREC)  # [later rows, rows]
-                pp = tl.dot(do_o, tl.trans(v), input_precision=PREC)
+                pq = tl.dot(do_o, tl.trans(v), input_precision=PREC)
                 dv += tl.dot(tl.trans(aa.to(DT)), do_o, input_precision=PREC)
-                acc += tl.dot(tl.trans(pp.to(DT)), qt_o, input_precision=PREC)
+                acc += tl.dot(tl.trans(pq.to(DT)), qt_o, input_precision=PREC)
                 mid += total_o
+            if TL < CH:
+                if d == 0:
+                    if c < n_chunks - 1:  # the short last chunk
+                        q_t, do_t, total_t = _queries_after(Q, DO, gbase, kbase, dbase, (n_chunks - 1) * CH, N,
+                                                            tl.arange(0, TL), rk, rv, mid, DK, DV, s_n, do_n, g_n,
+                                                            g_c, TL, False, DT)
+                        aq_t = tl.dot(q_t, tl.trans(kf), input_precision=PREC)
+                        pq_t = tl.dot(do_t, tl.trans(v), input_precision=PREC)
+                        dv += tl.dot(tl.trans(aq_t.to(DT)), do_t, input_precision=PREC)
+                        acc += tl.dot(tl.trans(pq_t.to(DT)), q_t, input_precision=PREC)
         dk_d += f * acc
         dA = (q * dq_d - k * dk_d) * scale  # rows past the end are 0 (q and k are)
         if d == 0:
