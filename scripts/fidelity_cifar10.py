@@ -5,9 +5,9 @@ Trains the reference model unless --reference names an existing checkpoint, then
 patched model with no recovery, after stage 1 (attention transfer) and after stages 1+2 (distillation), recording
 top-1 and each step's GPU time, and writes a JSON file and docs/fidelity.md.
 
-    # one H200, about 11 minutes in all (reference ~6 minutes, then ~45 s per mixer, compilation included)
+    # one H200, about 14 minutes in all (reference ~8 minutes, then about a minute per mixer, compilation included)
     python scripts/fidelity_cifar10.py --data /path/to/cifar10.tar.xz --cache-dir .data --output out/fidelity \
-        --train-set compile=true --budget-share 0.044
+        --train-set compile=true --time-budget 600 --budget-share 0.047
 
     # smoke run on a CPU in seconds (the recipe compiles stage 2; not worth it here)
     python scripts/fidelity_cifar10.py --data cifar10.tar.xz --limit 4 --max-steps 2 --batch-size 4 --cpu \
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-config", default=str(ROOT / "configs" / "train-cifar10.yaml"), help="reference recipe")
     p.add_argument("--time-budget", type=float, default=180.0, help="reference training seconds (default 180)")
     p.add_argument("--budget-share", type=float, default=None,
-                   help="recovery GPU time per mixer as a share of the reference's training time (e.g. 0.044): "
+                   help="recovery GPU time per mixer as a share of the reference's training time (e.g. 0.047): "
                         "stage 2 fits its step count to it (default: the recipe's step counts)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every training loop (smoke runs)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of every loop (smoke runs)")
