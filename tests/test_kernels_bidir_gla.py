@@ -200,14 +200,17 @@ def test_auto_picks_direct_for_short_sequences(N, fwd, bwd):
 
 
 @pytest.mark.parametrize("N, rows", [(1, (16, 16)), (20, (32, 32)), (65, (16, 16)), (81, (32, 32)), (97, (64, 16))])
-def test_short_last_chunk(N, rows):
+def test_short_last_chunk(N, rows, monkeypatch):
     """The direct kernels take a short last chunk on a smaller tile (the fewest power-of-two rows ≥ 16 that hold it:
     ``rows`` forwards on 64-token chunks and backwards on ``DIRECT_BWD_CH``-token ones), met by the other chunks in
     both directions; forward and gradients agree with the oracle, with the exact diagonal in the short chunk too."""
-    assert (kt._tail_rows(N, kt.CH), kt._tail_rows(N, kt.DIRECT_BWD_CH)) == rows
+    launches = [Launches(kt._chunk_fwd), Launches(kt._chunk_bwd)]
+    monkeypatch.setattr(kt, "_chunk_fwd", launches[0])
+    monkeypatch.setattr(kt, "_chunk_bwd", launches[1])
     q, k, v, gf, gb = make(1, 2, N, 16, 24, "moderate", seed=N)
     gf[..., -1, :3] = -50.0  # one token that alone exceeds DIAG_SPAN_MAX: the last chunk's exact walk
     check(q, k, v, gf, gb, impl="direct")
+    assert tuple(lc.meta[0]["TL"] for lc in launches) == rows
 
 
 def test_several_chunks_and_split_states():
@@ -241,14 +244,15 @@ def test_gradients_of_strided_inputs(N, impl):
 
 
 class Launches:
-    """A Triton kernel whose launches record their arguments."""
+    """A Triton kernel whose launches record their arguments and meta-parameters."""
 
     def __init__(self, kernel):
-        self.kernel, self.args = kernel, []
+        self.kernel, self.args, self.meta = kernel, [], []
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
             self.args.append(args)
+            self.meta.append(meta)
             return self.kernel[grid](*args, **meta)
 
         return launch
